@@ -209,12 +209,17 @@ class Hyperparameters:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim")
         if not 0 <= self.loop_start <= self.loop_end < self.num_layers:
             raise ConfigError(f"LOOP_START={self.loop_start}..LOOP_END={self.loop_end} must lie in 0..NUM_LAYERS-1")
+        if 0 < self.parallel_start_layer <= self.loop_end:
+            raise ConfigError(f"PARALLEL_START_LAYER={self.parallel_start_layer} must be 0 (off) or after "
+                              f"LOOP_END={self.loop_end}: the two lanes cannot re-enter the looped segment")
         for name, value, allowed in (("PARALLEL_FINAL_LANE", self.parallel_final_lane, ("mean", "mlp", "attn")),
                                      ("ATTN_BACKEND", self.attn_backend, ("", "fa3", "varlen", "sdpa")),
                                      ("TTT_OPTIMIZER", self.ttt_optimizer, ("adam", "sgd")),
                                      ("COMPRESSOR", self.compressor, ("brotli", "lzma"))):
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} must be one of {', '.join(repr(a) for a in allowed)}")
+        if self.gptq_calibration_batches < self.world_size:
+            raise ConfigError(f"GPTQ_CALIBRATION_BATCHES={self.gptq_calibration_batches} must be at least WORLD_SIZE")
         if not 0 < self.val_doc_fraction <= 1:
             raise ConfigError(f"VAL_DOC_FRACTION={self.val_doc_fraction} must be in (0, 1]")
         if self.val_batch_tokens % (self.world_size * self.eval_seq_len):
@@ -507,3 +512,1316 @@ def target_bytes(prev: Tensor, target: Tensor, luts) -> Tensor:
 
 def bits_per_byte(loss_sum: float, byte_sum: float) -> float:
     return loss_sum / math.log(2) / max(byte_sum, 1.0)
+
+
+# =============================================================================================
+#                                            MODEL
+# =============================================================================================
+# The record's GPT (spec §4): 11 blocks of width 512 whose matrices live in four "banks"
+# (qo, kv, mlp_up, mlp_down) so that Muon orthogonalizes a whole bank as one batched tensor;
+# tied embedding with a tanh logit softcap; QK-norm with a learned per-head query gain; partial
+# RoPE; XSA on the last layers; U-Net skips merged by a gated lerp; depth recurrence over a middle
+# segment once training is far enough along; two-lane parallel residuals in the last layers.
+# The same forward serves training (one packed row cut by cu_seqlens), evaluation (dense
+# batches) and test-time training (a per-document LoRA set added to the projections).
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(positions: int, rope_dims: int, base: float, device) -> tuple[Tensor, Tensor]:
+    """cos/sin [positions, rope_dims/2] for partial RoPE (only the first rope_dims of a head rotate)."""
+    inv_freq = base ** (-torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims)
+    freqs = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Half-split rotation of the first 2*cos.size(-1) dims of x [..., T, H, D]; the rest pass through."""
+    half = cos.size(-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
+    """XSA (exclusive self-attention, from the modded-nanogpt / Parameter Golf lineage): remove
+    from each head's output its component along the unit value vector of its own position, so a
+    token cannot simply copy itself. y [..., T, Hq, D], v [..., T, Hkv, D], Hq a multiple of Hkv."""
+    group = y.size(-2) // v.size(-2)
+    y = y.unflatten(-2, (v.size(-2), group))
+    v_hat = F.normalize(v, dim=-1).unsqueeze(-2)
+    return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).flatten(-3, -2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention backends. FlashAttention 3 is fastest on Hopper but is not on PyPI; torch's own
+# varlen_attn (torch >= 2.10) runs the same document-isolated attention on any recent GPU; SDPA
+# per document segment is the portable reference (CPU, tests). One is chosen at start and logged.
+# Layout everywhere: q [B, T, Hq, D], k/v [B, T, Hkv, D]; cu_seqlens (B == 1) cuts the row into
+# documents, otherwise each row is one causal sequence.
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_attention_backend(requested: str = "") -> str:
+    if requested:
+        available = {"sdpa": True, "varlen": torch.cuda.is_available() and _has_varlen_attn(),
+                     "fa3": torch.cuda.is_available() and _has_fa3()}
+        if not available[requested]:
+            raise ConfigError(f"ATTN_BACKEND={requested} is not available here (needs CUDA"
+                              f"{' and flash_attn_interface' if requested == 'fa3' else ' and torch >= 2.10'})")
+        return requested
+    if torch.cuda.is_available():
+        if _has_fa3():
+            return "fa3"
+        if _has_varlen_attn():
+            return "varlen"
+    return "sdpa"
+
+
+def _has_fa3() -> bool:
+    try:
+        import flash_attn_interface  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _has_varlen_attn() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, max_seqlen: int,
+                     backend: str) -> Tensor:
+    if backend == "fa3":
+        import flash_attn_interface as fa3
+        if cu_seqlens is None:
+            return fa3.flash_attn_func(q, k, v, causal=True)
+        return fa3.flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                          causal=True)[None]
+    if backend == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+        B, T = q.shape[:2]
+        if cu_seqlens is None:  # dense rows are documents of length T
+            cu_seqlens, max_seqlen = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32), T
+        y = varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
+                        max_seqlen, max_seqlen, window_size=(-1, 0), **_VARLEN_GQA)
+        return y.view(B, T, *y.shape[1:])
+    # SDPA: one call per document segment (or one call for a dense batch)
+    def sdpa(q_, k_, v_):
+        return F.scaled_dot_product_attention(q_.transpose(-3, -2), k_.transpose(-3, -2), v_.transpose(-3, -2),
+                                              is_causal=True, enable_gqa=True).transpose(-3, -2)
+    if cu_seqlens is None:
+        return sdpa(q, k, v)
+    bounds = cu_seqlens.tolist()
+    out = [sdpa(q[:, s:e], k[:, s:e], v[:, s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    return torch.cat(out, dim=1)
+
+
+def _varlen_gqa_kwargs() -> dict:
+    try:
+        import inspect
+        from torch.nn.attention.varlen import varlen_attn
+        return {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+    except (ImportError, ValueError, TypeError):
+        return {}
+
+
+_VARLEN_GQA = _varlen_gqa_kwargs()
+
+
+class GPT(nn.Module):
+    def __init__(self, h: Hyperparameters, attn_backend: str = "sdpa"):
+        super().__init__()
+        L, D = h.num_layers, h.model_dim
+        self.num_layers, self.num_heads, self.num_kv_heads = L, h.num_heads, h.num_kv_heads
+        self.head_dim = D // h.num_heads
+        kv_dim = self.head_dim * h.num_kv_heads
+        hidden = int(h.mlp_mult * D)
+        self.rope_dims, self.rope_base = h.rope_dims, h.rope_base
+        self.logit_softcap, self.attn_backend = h.logit_softcap, attn_backend
+        self.skip_gates_enabled, self.use_fused_mlp = h.skip_gates_enabled, h.fused_mlp
+        self.loop_start, self.loop_end, self.num_loops = h.loop_start, h.loop_end, h.num_loops
+        self.parallel_start, self.parallel_final_lane = h.parallel_start_layer, h.parallel_final_lane
+        self.xsa_first = L - h.xsa_last_n
+        self.looping = False  # switched on by the training loop at ENABLE_LOOPING_AT
+        self.capture = None  # Hessian collection: capture(weight_name, input) sees each matrix's input
+        ln = [1 / math.sqrt(i + 1) if h.ln_scale else 1.0 for i in range(L)]
+        self.register_buffer("ln_scales", torch.tensor(ln), persistent=False)
+
+        self.tok_emb = nn.Embedding(h.vocab_size, D, dtype=torch.bfloat16)  # tied output head
+        self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))  # Q of layers 0..L-1, then O
+        self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, D))  # K of layers 0..L-1, then V
+        self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, D))
+        self.mlp_down_bank = nn.Parameter(torch.empty(L, D, hidden))
+        self.q_gain = nn.Parameter(torch.full((L, h.num_heads), h.qk_gain_init))
+        self.attn_scale = nn.Parameter(torch.ones(L, D))
+        self.mlp_scale = nn.Parameter(torch.ones(L, D))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(L, D), torch.zeros(L, D)], dim=1))  # [L, 2, D]
+        num_skips = min(len(x) for x in self.layer_order(looping=True))
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, D))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, D))
+        self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))  # [layer, source attn/mlp, dest lane]
+        self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
+        self.reset_parameters(h.tied_embed_init_std)
+
+    @torch.no_grad()
+    def reset_parameters(self, embed_std: float):
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
+        L = self.num_layers
+        for bank, orthogonal in ((self.qo_bank, range(L)), (self.kv_bank, range(2 * L)), (self.mlp_up_bank, range(L))):
+            bank.zero_()
+            for i in orthogonal:
+                nn.init.orthogonal_(bank[i])
+        self.mlp_down_bank.zero_()  # O (qo_bank[L:]) and MLP-down start at zero
+
+    def layer_order(self, looping: bool | None = None) -> tuple[list[int], list[int]]:
+        """Physical layer per virtual position, split into encoder and decoder halves."""
+        looping = self.looping if looping is None else looping
+        segment = list(range(self.loop_start, self.loop_end + 1))
+        order = (list(range(self.loop_start)) + segment * ((self.num_loops + 1) if looping else 1)
+                 + list(range(self.loop_end + 1, self.num_layers)))
+        half = len(order) // 2
+        return order[:half], order[half:]
+
+    # -- sublayers ---------------------------------------------------------------------------
+    def attn(self, l: int, x: Tensor, rope, cu_seqlens, max_seqlen, lora, slot) -> Tensor:
+        L, hd = self.num_layers, self.head_dim
+        if self.capture:
+            self.capture(f"blocks.{l}.attn.c_qkv", x)
+        q = F.linear(x, self.qo_bank[l].to(x.dtype))
+        k = F.linear(x, self.kv_bank[l].to(x.dtype))
+        v = F.linear(x, self.kv_bank[L + l].to(x.dtype))
+        if lora is not None:
+            q, k, v = q + lora.delta("q", slot, x), k + lora.delta("k", slot, x), v + lora.delta("v", slot, x)
+        q = rms_norm(q.unflatten(-1, (self.num_heads, hd)))
+        k = rms_norm(k.unflatten(-1, (self.num_kv_heads, hd)))
+        v = v.unflatten(-1, (self.num_kv_heads, hd))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = q * self.q_gain[l].to(q.dtype)[:, None]
+        y = causal_attention(q, k, v, cu_seqlens, max_seqlen, self.attn_backend)
+        if l >= self.xsa_first:
+            y = exclusive_self_attention(y, v)
+        y = y.flatten(-2)
+        if self.capture:
+            self.capture(f"blocks.{l}.attn.proj", y)
+        out = F.linear(y, self.qo_bank[L + l].to(x.dtype))
+        if lora is not None:
+            out = out + lora.delta("o", slot, x)  # the "O" adapter reads the normed block input
+        return out
+
+    def mlp(self, l: int, x: Tensor, lora, slot) -> Tensor:
+        up, down = self.mlp_up_bank[l].to(x.dtype), self.mlp_down_bank[l].to(x.dtype)
+        if self.capture:
+            self.capture(f"blocks.{l}.mlp.fc", x)
+            hidden = F.leaky_relu(F.linear(x, up), 0.5).square()
+            self.capture(f"blocks.{l}.mlp.proj", hidden)
+            out = F.linear(hidden, down)
+        elif self.use_fused_mlp and self.training and x.is_cuda and triton is not None:
+            out = fused_mlp(x, up, down)
+        else:
+            out = eager_mlp(x, up, down)
+        if lora is not None:
+            out = out + lora.delta("mlp", slot, x)
+        return out
+
+    def sequential_block(self, l, x, x0, args) -> Tensor:
+        mix, s = self.resid_mix[l].to(x.dtype), self.ln_scales[l]
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale[l].to(x.dtype) * self.attn(l, rms_norm(x) * s, *args)
+        return x + self.mlp_scale[l].to(x.dtype) * self.mlp(l, rms_norm(x) * s, args[-2], args[-1])
+
+    def parallel_block(self, l, lane0, lane1, x0, args) -> tuple[Tensor, Tensor]:
+        """Two-lane parallel residual: attention reads lane0 (mixed with x0), the MLP reads lane1;
+        both outputs are written into both lanes with learned weights."""
+        mix, s = self.resid_mix[l].to(lane0.dtype), self.ln_scales[l]
+        a = self.attn_scale[l].to(lane0.dtype) * self.attn(l, rms_norm(mix[0] * lane0 + mix[1] * x0) * s, *args)
+        m = self.mlp_scale[l].to(lane0.dtype) * self.mlp(l, rms_norm(lane1) * s, args[-2], args[-1])
+        post, resid = self.parallel_post_lambdas[l].to(a.dtype), self.parallel_resid_lambdas[l].to(a.dtype)
+        return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+
+    def merge_skip(self, j: int, x: Tensor, skip: Tensor) -> Tensor:
+        """U-Net skip as a gated lerp from the weighted skip towards x (init: 0.5 x + 0.5 skip)."""
+        skip = self.skip_weights[j].to(x.dtype) * skip
+        if not self.skip_gates_enabled:
+            return x + skip
+        return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+
+    # -- full model --------------------------------------------------------------------------
+    def hidden(self, ids: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0, lora=None) -> Tensor:
+        """Final normed hidden states [B, T, D] for token ids [B, T]."""
+        x = x0 = rms_norm(self.tok_emb(ids))
+        rope = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device)
+        encoder, decoder = self.layer_order()
+        skips, lanes, slot = [], None, 0
+        for l in encoder:
+            x = self.sequential_block(l, x, x0, (rope, cu_seqlens, max_seqlen, lora, slot))
+            skips.append(x)
+            slot += 1
+        for j, l in enumerate(decoder):
+            args = (rope, cu_seqlens, max_seqlen, lora, slot)
+            if lanes is None and 0 < self.parallel_start <= l:
+                lanes = (x, x)
+            if skips:
+                if lanes is None:
+                    x = self.merge_skip(j, x, skips.pop())
+                else:
+                    lanes = (self.merge_skip(j, lanes[0], skips.pop()), lanes[1])
+            if lanes is None:
+                x = self.sequential_block(l, x, x0, args)
+            else:
+                lanes = self.parallel_block(l, *lanes, x0, args)
+            slot += 1
+        if lanes is not None:
+            x = {"mean": lambda: 0.5 * (lanes[0] + lanes[1]), "attn": lambda: lanes[0],
+                 "mlp": lambda: lanes[1]}[self.parallel_final_lane]()
+        return rms_norm(x)
+
+    def logits(self, hidden: Tensor, lora=None) -> Tensor:
+        logits = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
+        if lora is not None:
+            logits = logits + lora.delta("head", 0, hidden)
+        logits = logits.float()
+        return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+
+    def forward(self, ids: Tensor, targets: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0,
+                lora=None) -> Tensor:
+        """Per-token cross-entropy in nats, fp32, shaped like targets. ids/targets [B, T] or [T]."""
+        squeeze = ids.dim() == 1
+        if squeeze:
+            ids, targets = ids[None], targets[None]
+        logits = self.logits(self.hidden(ids, cu_seqlens, max_seqlen, lora), lora)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        return loss[0] if squeeze else loss
+
+
+def build_model(h: Hyperparameters, device, attn_backend: str = "sdpa") -> GPT:
+    """The model in its training dtypes: banks and small control tensors fp32, tok_emb bf16."""
+    return GPT(h, attn_backend).to(device)
+
+
+# =============================================================================================
+#                                           KERNELS
+# =============================================================================================
+# The MLP up-projection and its LeakyReLU(0.5)^2 activation fused in one Triton matmul (record
+# PR #1530), so the 4x-wide pre-activation is written once and the backward applies the
+# activation's derivative inside the matmul's epilogue. eager_mlp is the same math in plain
+# PyTorch, used on CPU, in evaluation and for Hessian collection.
+
+
+def eager_mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    return F.linear(F.leaky_relu(F.linear(x, w_up), 0.5).square(), w_down)
+
+#@@KERNELS@@
+
+
+# =============================================================================================
+#                                          OPTIMIZERS
+# =============================================================================================
+# Muon for the four matrix banks, AdamW for the tied embedding and the small control tensors.
+# There is no DDP wrapper: gradients are synchronised inside Optimizers.step, which starts every
+# collective at once and overlaps them with compute. Each bank is reduce-scattered so a rank
+# orthogonalizes only its shard of matrices, then the updates are all-gathered; the tied
+# embedding gets its own all-reduce; all tensors of at most 32,768 elements travel in one packed
+# all-reduce instead of dozens of tiny ones.
+
+SMALL_TENSOR_NUMEL = 2**15
+
+
+class _Finished:
+    """A collective handle for the emulated (gloo) collectives: finishing work runs at wait()."""
+
+    def __init__(self, work=None, then=None):
+        self.work, self.then = work, then
+
+    def wait(self):
+        if self.work is not None:
+            self.work.wait()
+        if self.then is not None:
+            self.then()
+        self.work = self.then = None
+
+
+def _nccl() -> bool:
+    return dist.get_backend() == "nccl"
+
+
+def all_reduce_avg(t: Tensor):
+    """Asynchronous in-place mean over ranks. gloo has no AVG: it sums, then divides at wait()."""
+    if _nccl():
+        return dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True)
+    return _Finished(dist.all_reduce(t, async_op=True), lambda: t.div_(dist.get_world_size()))
+
+
+def reduce_scatter_avg(out: Tensor, inp: Tensor):
+    """Mean over ranks of inp, rank r keeping the r-th slice of its leading dim. gloo lacks
+    reduce_scatter: all-reduce a copy and keep the slice."""
+    if _nccl():
+        return dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.AVG, async_op=True)
+    full = inp.float()
+    dist.all_reduce(full)
+    out.copy_(full.chunk(dist.get_world_size())[dist.get_rank()] / dist.get_world_size())
+    return _Finished()
+
+
+def all_gather_into(out: Tensor, inp: Tensor):
+    if _nccl():
+        return dist.all_gather_into_tensor(out, inp, async_op=True)
+    dist.all_gather(list(out.chunk(dist.get_world_size())), inp.contiguous())
+    return _Finished()
+
+
+def newton_schulz5(G: Tensor, steps: int) -> Tensor:
+    """Approximate orthogonalization U V^T of each matrix in G [B, m, n] by a quintic Newton-Schulz
+    iteration in bf16 (Muon, Keller Jordan 2024: kellerjordan.github.io/posts/muon)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon on batched weight banks: Nesterov momentum, each row of the update normalised before
+    Newton-Schulz (MuonEq-R), decoupled weight decay, update scaled by sqrt(max(1, rows/cols)).
+
+    Distributed: a bank's leading dim is padded to a multiple of the world size; its gradient is
+    reduce-scattered (mean), this rank keeps momentum for its shard only, orthogonalizes it, and
+    the updates are all-gathered. Bank i's all-gather is in flight while bank i+1 is computed.
+    """
+
+    def __init__(self, banks: list[Tensor], lr: float, momentum: float, weight_decay: float, ns_steps: int,
+                 row_normalize: bool = True):
+        super().__init__(banks, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.ns_steps, self.row_normalize = ns_steps, row_normalize
+        self.orthogonalize = newton_schulz5  # main() swaps in a compiled version on CUDA
+        self._pending: list = []
+
+    def _world(self) -> tuple[int, int]:
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+    @torch.no_grad()
+    def launch_reduce_scatter(self):
+        """Start averaging every bank's gradient; called first in Optimizers.step."""
+        rank, world = self._world()
+        self._pending = []
+        for p in sorted(self.param_groups[0]["params"], key=lambda p: -p.numel()):  # largest first
+            per_rank = -(-p.size(0) // world)
+            shard = torch.empty(per_rank, *p.shape[1:], device=p.device, dtype=torch.bfloat16)
+            if world == 1:
+                shard.copy_(p.grad)
+                work = None
+            else:
+                padded = torch.zeros(per_rank * world, *p.shape[1:], device=p.device, dtype=torch.bfloat16)
+                padded[:p.size(0)].copy_(p.grad)
+                work = reduce_scatter_avg(shard, padded)
+            self._pending.append((p, shard, work))
+
+    @torch.no_grad()
+    def step(self):
+        rank, world = self._world()
+        group = self.param_groups[0]
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        applies = []
+        for p, grad, work in self._pending:
+            if work is not None:
+                work.wait()
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grad)
+            buf = state["momentum_buffer"]
+            buf.mul_(mu).add_(grad)
+            update = grad.add(buf, alpha=mu)  # Nesterov
+            if self.row_normalize:
+                update = update / update.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(update.dtype)
+            update = self.orthogonalize(update, self.ns_steps)
+            update = update * math.sqrt(max(1.0, p.size(-2) / p.size(-1)))
+            if world == 1:
+                applies.append((p, update.to(torch.bfloat16), None))
+            else:
+                full = torch.empty(grad.size(0) * world, *grad.shape[1:], device=p.device, dtype=torch.bfloat16)
+                applies.append((p, full, all_gather_into(full, update.to(torch.bfloat16).contiguous())))
+        for p, full, work in applies:
+            if work is not None:
+                work.wait()
+            p.mul_(1 - lr * wd).add_(full[:p.size(0)].to(p.dtype), alpha=-lr)
+        self._pending = []
+
+
+class Optimizers:
+    """The three optimizers of a run and the gradient synchronisation that feeds them."""
+
+    def __init__(self, model: GPT, h: Hyperparameters):
+        self.banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank]
+        bank_ids = {id(p) for p in self.banks}
+        self.embed = [model.tok_emb.weight]
+        self.scalars = [p for p in model.parameters() if id(p) not in bank_ids and p is not model.tok_emb.weight]
+        fused = dict(fused=True) if model.tok_emb.weight.is_cuda else {}
+        adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, **fused)
+        self.muon = Muon(self.banks, h.matrix_lr, h.muon_momentum, h.muon_wd, h.muon_backend_steps,
+                         h.muon_row_normalize)
+        self.adam_embed = torch.optim.AdamW(self.embed, lr=h.tied_embed_lr, weight_decay=h.embed_wd, **adam)
+        self.adam_scalars = torch.optim.AdamW(self.scalars, lr=h.scalar_lr, weight_decay=h.adam_wd, **adam)
+        self.all = [self.muon, self.adam_embed, self.adam_scalars]
+        for opt in self.all:
+            for g in opt.param_groups:
+                g["base_lr"] = g["lr"]
+        self.replicated = self.embed + self.scalars
+
+    def set_schedule(self, lr_mult: float, muon_momentum: float):
+        for opt in self.all:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_mult
+        self.muon.param_groups[0]["momentum"] = muon_momentum
+
+    @torch.no_grad()
+    def sync_replicated_grads(self) -> list:
+        """Average the gradients of the replicated (non-bank) tensors: one async all-reduce per
+        large tensor, and all small ones packed per dtype into one flat buffer."""
+        works = []
+        small: dict[tuple, list[Tensor]] = {}
+        for p in self.replicated:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if p.numel() > SMALL_TENSOR_NUMEL:
+                works.append(all_reduce_avg(p.grad))
+            else:
+                small.setdefault((p.device, p.dtype), []).append(p)
+        for params in small.values():
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            work = all_reduce_avg(flat)
+            works.append(_Finished(work, lambda flat=flat, params=params: unpack_into_grads(flat, params)))
+        return works
+
+    def step(self):
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.muon.launch_reduce_scatter()
+            for work in self.sync_replicated_grads():
+                work.wait()
+        else:
+            self.muon.launch_reduce_scatter()
+        self.adam_embed.step()
+        self.adam_scalars.step()
+        self.muon.step()
+        for opt in self.all:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> list:
+        return [opt.state_dict() for opt in self.all]
+
+    def load_state_dict(self, states: list):
+        for opt, state in zip(self.all, states):
+            opt.load_state_dict(state)
+
+
+def unpack_into_grads(flat: Tensor, params: list[Tensor]) -> None:
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+class EMA:
+    """Exponential moving average of the weights in fp32, bias-corrected like Adam's moments:
+    the shadow starts at zero and is divided by 1 - decay^t, so the random initialisation has no
+    weight in it. A full-length run is unchanged (decay^t ~ 0); a short run's average no longer
+    keeps a third of its initial weights (the record started the shadow at the initial weights)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.steps = decay, 0
+        self.shadow = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        self.steps += 1
+        params = dict(model.named_parameters())
+        torch._foreach_lerp_(list(self.shadow.values()), [params[n].float() for n in self.shadow], 1 - self.decay)
+
+    def averaged(self) -> dict[str, Tensor]:
+        correction = 1 - self.decay ** self.steps if self.steps else 1.0
+        return {n: s / correction for n, s in self.shadow.items()}
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module):
+        params = dict(model.named_parameters())
+        for n, value in self.averaged().items():
+            params[n].copy_(value.to(params[n].dtype))
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "shadow": {n: s.clone() for n, s in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict):
+        self.steps = state["steps"]
+        for n, s in state["shadow"].items():
+            self.shadow[n].copy_(s)
+
+
+# =============================================================================================
+#                                  QUANTIZATION AND ARTIFACT
+# =============================================================================================
+#@@QUANT@@
+
+# ---------------------------------------------------------------------------------------------
+# Between the model and the quantizer: per-layer names for the banked weights, and the input
+# Hessians H = sum X^T X that GPTQ weighs its rounding errors with.
+# ---------------------------------------------------------------------------------------------
+
+BANK_LAYOUT = (  # (bank, per-layer name, first slice of the bank's layer 0)
+    ("qo_bank", "attn.c_q", 0), ("qo_bank", "attn.proj", 1),
+    ("kv_bank", "attn.c_k", 0), ("kv_bank", "attn.c_v", 1),
+    ("mlp_up_bank", "mlp.fc", 0), ("mlp_down_bank", "mlp.proj", 0),
+)
+
+
+def unbank_state(state: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    """Banked state dict -> per-layer matrices blocks.{i}.attn.c_q.weight, ... (other tensors as is)."""
+    out = {k: v for k, v in state.items() if not k.endswith("_bank")}
+    for bank, name, half in BANK_LAYOUT:
+        for i in range(num_layers):
+            out[f"blocks.{i}.{name}.weight"] = state[bank][half * num_layers + i]
+    return out
+
+
+def rebank_state(state: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
+    for bank in dict.fromkeys(b for b, _, _ in BANK_LAYOUT):
+        parts = sorted(((half, name) for b, name, half in BANK_LAYOUT if b == bank))
+        out[bank] = torch.stack([state[f"blocks.{i}.{name}.weight"] for _, name in parts for i in range(num_layers)])
+    return out
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, h: Hyperparameters, device) -> dict[str, Tensor]:
+    """H = sum X^T X of every quantized matrix's input over calibration batches from the training
+    shards, summed over ranks and divided by the number of batches. The EMA model runs uncompiled,
+    with the eager MLP and looping on, so a looped layer sees all its passes. Ranks split the
+    GPTQ_CALIBRATION_BATCHES between them (the record had each rank collect them all and used
+    only rank 0's)."""
+    rank, world = _world()
+    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, rank, world)
+    batch_seqs = h.local_batch_tokens // h.train_seq_len
+    mine = len(range(rank, h.gptq_calibration_batches, world))
+    hessians: dict[str, Tensor] = {}
+
+    def capture(name: str, x: Tensor):
+        x = x.reshape(-1, x.size(-1)).float()
+        if name not in hessians:
+            hessians[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
+        hessians[name].addmm_(x.T, x)
+
+    was_training, model.capture = model.training, capture
+    model.eval()
+    try:
+        for _ in range(mine):
+            x, _ = loader.next_batch(batch_seqs)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                capture("tok_emb", model.hidden(x.to(device)))  # the tied head's input
+    finally:
+        model.capture = None
+        model.train(was_training)
+    out = {}
+    for name in sorted(hessians):
+        H = hessians[name]
+        if world > 1:
+            dist.all_reduce(H)
+        H /= max(h.gptq_calibration_batches, 1)
+        if name.endswith("attn.c_qkv"):
+            for kind in ("c_q", "c_k", "c_v"):
+                out[name.replace("c_qkv", kind) + ".weight"] = H
+        elif name == "tok_emb":
+            out["tok_emb.weight"] = H
+        else:
+            out[name + ".weight"] = H
+    return out
+
+
+
+# =============================================================================================
+#                                          EVALUATION
+# =============================================================================================
+# Standard evaluation scores every validation target once, in packed rows cut at document starts
+# (a document that straddles a batch boundary loses its earlier context there). Ranks take
+# contiguous shares of whole sequences and the last batch is padded and masked, so every target
+# counts whatever the world size (the record dropped each rank's remainder). The sliding window
+# gives every scored token EVAL_SEQ_LEN - EVAL_STRIDE tokens of context instead.
+
+
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_reduce_sums(*values: float, device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _packed_row(pieces: list[Tensor], row_len: int, max_doc_len: int) -> tuple[Tensor, Tensor, int]:
+    """Concatenate token pieces into one row of row_len, each piece starting its own segment
+    (and BOS inside a piece starting another); the unused tail is one more padding segment."""
+    cus, offset = [], 0
+    for piece in pieces:
+        cu, _ = build_cu_seqlens(piece.numpy(), max_doc_len, bucket=1)
+        cus.append(cu[:-1] + offset)
+        offset += len(piece)
+    row = torch.zeros(row_len, dtype=torch.int64)
+    if pieces:
+        row[:offset] = torch.cat(pieces)
+    tail = np.arange(offset, row_len, max_doc_len) if offset < row_len else np.zeros(0, np.int64)
+    cu = np.concatenate(cus + [tail, [row_len]]).astype(np.int32)
+    cu = np.concatenate([cu, np.full(-len(cu) % CU_SEQLENS_BUCKET, row_len, dtype=np.int32)])
+    return row, torch.from_numpy(cu), int(np.diff(cu).max())
+
+
+@torch.no_grad()
+def score_rows(model_fn, rows: list[tuple[Tensor, Tensor, Tensor]], row_len: int, max_doc_len: int, luts,
+               device) -> tuple[float, float, float]:
+    """Score a list of (inputs, targets, score_mask) pieces packed into one row.
+    Returns (sum of nats, sum of bytes, number of scored tokens) over the masked targets."""
+    x, cu, max_len = _packed_row([r[0] for r in rows], row_len, max_doc_len)
+    y, mask = torch.zeros(row_len, dtype=torch.int64), torch.zeros(row_len, dtype=torch.bool)
+    offset = 0
+    for inp, tgt, m in rows:
+        y[offset:offset + len(tgt)], mask[offset:offset + len(tgt)] = tgt, m
+        offset += len(tgt)
+    x, y, mask, cu = (t.to(device, non_blocking=True) for t in (x, y, mask, cu))
+    mark_cu_dynamic(cu)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model_fn(x, y, cu, max_doc_len)
+    nbytes = target_bytes(x, y, luts)
+    return (float(loss.double()[mask].sum()), float(nbytes[mask].sum()), float(mask.sum()))
+
+
+def mark_cu_dynamic(cu: Tensor) -> None:
+    """One compiled graph for every cu_seqlens length (the record compiled one per bucket)."""
+    if cu.is_cuda:
+        torch._dynamo.maybe_mark_dynamic(cu, 0)
+
+
+def eval_val(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, device) -> tuple[float, float]:
+    """(val_loss, val_bpb) over every target of the validation stream."""
+    rank, world = _world()
+    L = h.eval_seq_len
+    num_seqs = (len(val_tokens) - 1) // L
+    lo, hi = num_seqs * rank // world, num_seqs * (rank + 1) // world
+    per_batch = h.val_batch_tokens // (world * L)
+    sums = [0.0, 0.0, 0.0]
+    for s in range(lo, hi, per_batch):
+        e = min(s + per_batch, hi)
+        chunk = val_tokens[s * L:e * L + 1]
+        piece = (chunk[:-1], chunk[1:], torch.ones(len(chunk) - 1, dtype=torch.bool))
+        for i, v in enumerate(score_rows(model_fn, [piece], per_batch * L, h.eval_seq_len, luts, device)):
+            sums[i] += v
+    loss_sum, byte_sum, count = all_reduce_sums(*sums, device=device)
+    return loss_sum / max(count, 1), bits_per_byte(loss_sum, byte_sum)
+
+
+def eval_val_sliding(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, device, log=None) -> tuple[float, float]:
+    """Sliding windows of EVAL_SEQ_LEN every EVAL_STRIDE tokens; the first window scores all its
+    targets, every later one only its last EVAL_STRIDE, so each target is scored once with at
+    least EVAL_SEQ_LEN - EVAL_STRIDE tokens of context (up to the document start)."""
+    rank, world = _world()
+    L, stride, N = h.eval_seq_len, h.eval_stride, len(val_tokens) - 1
+    starts = list(range(0, max(N - (L - stride), 1), stride))
+    mine = starts[len(starts) * rank // world:len(starts) * (rank + 1) // world]
+    per_batch = 32
+    sums = [0.0, 0.0, 0.0]
+    for b in range(0, len(mine), per_batch):
+        rows = []
+        for start in mine[b:b + per_batch]:
+            end = min(start + L, N)
+            mask = torch.zeros(end - start, dtype=torch.bool)
+            mask[0 if start == 0 else L - stride:] = True
+            rows.append((val_tokens[start:end], val_tokens[start + 1:end + 1], mask))
+        for i, v in enumerate(score_rows(model_fn, rows, per_batch * L, L, luts, device)):
+            sums[i] += v
+        if log and (b // per_batch) % 50 == 0:
+            log(f"sliding_eval batch {b // per_batch + 1}/{-(-len(mine) // per_batch)}")
+    loss_sum, byte_sum, count = all_reduce_sums(*sums, device=device)
+    return loss_sum / max(count, 1), bits_per_byte(loss_sum, byte_sum)
+
+
+# =============================================================================================
+#                                   TEST-TIME TRAINING (TTT)
+# =============================================================================================
+# Per-document, score-first LoRA test-time training (record PR #1530; LoRA: Hu et al. 2021,
+# arXiv:2106.09685). Every validation document gets its own rank-r adapters on Q, K, V, "O"
+# (read from the normed block input), the MLP (per virtual layer) and the head, trained only on
+# that document. Its targets are cut into chunks; each chunk is scored and added to the sums
+# under no_grad *before* the same forward's loss trains the adapters, so a token is always scored
+# by adapters that have seen only earlier tokens of its own document. Nothing is shared between
+# documents, so the result does not depend on batching or on the number of ranks.
+#
+# Speed: documents of a batch are ordered longest first, and the batch shrinks to the documents
+# that still have chunks left (adapters and optimizer state are sliced with it), so finished
+# documents stop costing compute. This changes no number: each document's math is its own.
+# Compile warmup runs on synthetic random tokens only, never on validation data.
+
+
+class BatchedLoRA(nn.Module):
+    """One LoRA set per document of a batch: delta(x) = B (A x), A [slots, bsz, r, in] uniform(+-1/sqrt(in)),
+    B [slots, bsz, out, r] zero, so every adapter starts as the identity change."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int, int]], bsz: int, rank: int, device):
+        super().__init__()
+        self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
+        for name, (slots, d_in, d_out) in shapes.items():
+            bound = 1 / math.sqrt(d_in)
+            self.A[name] = nn.Parameter(torch.empty(slots, bsz, rank, d_in, device=device).uniform_(-bound, bound))
+            self.B[name] = nn.Parameter(torch.zeros(slots, bsz, d_out, rank, device=device))
+
+    def delta(self, name: str, slot: int, x: Tensor) -> Tensor:
+        A, B = self.A[name][slot].to(x.dtype), self.B[name][slot].to(x.dtype)
+        return torch.bmm(torch.bmm(x, A.mT), B.mT)
+
+    @torch.no_grad()
+    def keep_first(self, n: int, optimizer: "LoRAOptimizer"):
+        """Drop every document after the first n (and their optimizer state)."""
+        for params in (self.A, self.B):
+            for name in list(params.keys()):
+                old = params[name]
+                params[name] = nn.Parameter(old[:, :n].clone())
+                optimizer.rename(old, params[name], n)
+
+
+def lora_shapes(model: GPT, h: Hyperparameters) -> dict[str, tuple[int, int, int]]:
+    D = model.tok_emb.weight.size(1)
+    kv = model.kv_bank.size(1)
+    slots = sum(len(x) for x in model.layer_order())
+    shapes = {"q": (slots, D, D), "v": (slots, D, kv), "head": (1, D, model.tok_emb.weight.size(0))}
+    if h.ttt_k_lora:
+        shapes["k"] = (slots, D, kv)
+    if h.ttt_o_lora:
+        shapes["o"] = (slots, D, D)
+    if h.ttt_mlp_lora:
+        shapes["mlp"] = (slots, D, D)
+    return shapes
+
+
+class OptionalLoRA:
+    """Adapters switched off by TTT_K_LORA / TTT_O_LORA / TTT_MLP_LORA contribute nothing."""
+
+    def __init__(self, lora: BatchedLoRA):
+        self.lora = lora
+
+    def delta(self, name: str, slot: int, x: Tensor):
+        return self.lora.delta(name, slot, x) if name in self.lora.A else 0.0
+
+
+class LoRAOptimizer:
+    """AdamW (or SGD with momentum) over batched LoRA tensors, whose state can be sliced with them.
+    TTT defaults: lr 1e-4, betas (0, 0.999), eps 1e-10, weight decay 0.5, one step per chunk."""
+
+    def __init__(self, params: list[Tensor], h: Hyperparameters):
+        self.params, self.h, self.t = list(params), h, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params] if h.ttt_optimizer == "adam" else None
+
+    def rename(self, old: Tensor, new: Tensor, n: int):
+        i = next(i for i, p in enumerate(self.params) if p is old)
+        self.params[i] = new
+        self.m[i] = self.m[i][:, :n].clone()
+        if self.v is not None:
+            self.v[i] = self.v[i][:, :n].clone()
+
+    @torch.no_grad()
+    def step(self):
+        h = self.h
+        self.t += 1
+        grads = [p.grad for p in self.params]
+        if self.v is None:  # SGD with momentum TTT_BETA1 and L2 weight decay
+            torch._foreach_add_(grads, self.params, alpha=h.ttt_weight_decay)
+            torch._foreach_mul_(self.m, h.ttt_beta1)
+            torch._foreach_add_(self.m, grads)
+            torch._foreach_add_(self.params, self.m, alpha=-h.ttt_lora_lr)
+        else:
+            b1, b2 = h.ttt_beta1, h.ttt_beta2
+            torch._foreach_lerp_(self.m, grads, 1 - b1)
+            torch._foreach_mul_(self.v, b2)
+            torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)
+            denom = torch._foreach_sqrt(self.v)
+            torch._foreach_div_(denom, math.sqrt(1 - b2 ** self.t))
+            torch._foreach_add_(denom, 1e-10)
+            torch._foreach_mul_(self.params, 1 - h.ttt_lora_lr * h.ttt_weight_decay)
+            torch._foreach_addcdiv_(self.params, self.m, denom, value=-h.ttt_lora_lr / (1 - b1 ** self.t))
+        for p in self.params:
+            p.grad = None
+
+
+def split_documents(tokens: Tensor) -> list[tuple[int, int]]:
+    """(start, length) of each document: from its BOS through the next document's BOS, so its
+    last target is that BOS; the last document runs to the end. Together they cover every target."""
+    bos = torch.nonzero(tokens == BOS_ID).flatten().tolist()
+    if not bos or bos[0] != 0:
+        bos = [0] + bos
+    ends = bos[1:] + [len(tokens) - 1]
+    return [(s, e - s + 1) for s, e in zip(bos, ends) if e > s]
+
+
+def select_documents(docs: list, fraction: float, seed: int) -> list:
+    """A seeded subset (the record's choice: random.Random(SEED).sample, kept in index order)."""
+    if fraction >= 1:
+        return docs
+    picked = random.Random(seed).sample(range(len(docs)), round(len(docs) * fraction))
+    return [docs[i] for i in sorted(picked)]
+
+
+def ttt_batches(docs: list, batch_size: int) -> list[list[tuple[int, int]]]:
+    """Sort by length, cut into batches, longest batches first; each batch longest document first."""
+    ordered = sorted(docs, key=lambda d: d[1])
+    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    batches.sort(key=lambda b: -b[-1][1])
+    return [b[::-1] for b in batches]
+
+
+class WorkQueue:
+    """Ranks claim batch indices from an atomic counter in torch.distributed's key-value store
+    (works across hosts, leaves no files behind). Single process: a plain counter."""
+
+    created = 0  # every rank creates its queues in the same order, so the keys agree
+
+    def __init__(self, key: str):
+        WorkQueue.created += 1
+        self.key, self.next = f"{key}_{WorkQueue.created}", 0
+        self.store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+
+    def claim(self) -> int:
+        if self.store is None:
+            self.next += 1
+            return self.next - 1
+        return self.store.add(self.key, 1) - 1
+
+
+def ttt_chunk_inputs(tokens: Tensor, starts: Tensor, pred_lens: Tensor, ci: int, chunk: int, window: int):
+    """Inputs, targets and score mask [n, context] for chunk ci of n documents (tokens on device).
+    Each row is the last <= window tokens up to the chunk's end, left-aligned, padded with 0."""
+    context = min((ci + 1) * chunk, window)
+    chunk_end = torch.clamp(pred_lens, max=(ci + 1) * chunk)
+    win_start = torch.clamp(chunk_end - window, min=0)
+    pos = torch.arange(context, device=tokens.device)
+    valid = pos[None] < (chunk_end - win_start)[:, None]
+    idx = (starts + win_start)[:, None] + pos[None]
+    x = torch.where(valid, tokens[idx.clamp(max=len(tokens) - 2)], 0)
+    y = torch.where(valid, tokens[(idx + 1).clamp(max=len(tokens) - 1)], 0)
+    scored = valid & (pos[None] >= (ci * chunk - win_start)[:, None])
+    return x, y, scored
+
+
+def ttt_batch(model_fn, model: GPT, tokens: Tensor, batch: list, h: Hyperparameters, luts) -> tuple[float, float, float]:
+    """Score-first TTT over one batch of documents (longest first). Returns (nats, bytes, tokens)."""
+    device = tokens.device
+    starts = torch.tensor([s for s, _ in batch], device=device)
+    pred_lens = torch.tensor([n - 1 for _, n in batch], device=device)
+    chunks = [-(-(n - 1) // h.ttt_chunk_size) for _, n in batch]
+    lora = BatchedLoRA(lora_shapes(model, h), len(batch), h.ttt_lora_rank, device)
+    opt = LoRAOptimizer(lora.parameters(), h)
+    adapters = OptionalLoRA(lora)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    byte_sum, count = loss_sum.clone(), loss_sum.clone()
+    active = len(batch)
+    for ci in range(chunks[0]):
+        n = sum(c > ci for c in chunks)
+        if n < active:
+            lora.keep_first(n, opt)
+            active = n
+        x, y, scored = ttt_chunk_inputs(tokens, starts[:n], pred_lens[:n], ci, h.ttt_chunk_size, h.ttt_eval_seq_len)
+        trains = sum(c > ci + 1 for c in chunks)  # a document's last chunk teaches nothing
+        for step in range(h.ttt_grad_steps if trains else 1):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model_fn(x, y, None, 0, adapters)
+            if step == 0:  # score first, under no_grad, before any update on this chunk
+                with torch.no_grad():
+                    loss_sum += loss.detach().double()[scored].sum()
+                    byte_sum += target_bytes(x, y, luts)[scored].sum()
+                    count += scored.sum()
+            if trains:
+                per_doc = (loss * scored).sum(1) / scored.sum(1).clamp_min(1)
+                per_doc[:trains].sum().backward()
+                opt.step()
+    return loss_sum.item(), byte_sum.item(), count.item()
+
+
+def eval_val_ttt(model_fn, model: GPT, val_tokens: Tensor, h: Hyperparameters, luts, device, log) -> tuple[float, float]:
+    """(val_loss, val_bpb) with per-document LoRA TTT over the (optionally sampled) documents."""
+    rank, world = _world()
+    docs = select_documents(split_documents(val_tokens), h.val_doc_fraction, h.seed)
+    batches = ttt_batches(docs, h.ttt_batch_size)
+    tokens = val_tokens.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    queue = WorkQueue(f"ttt_queue_{h.run_id}")
+    sums, t0, done_tokens = [0.0, 0.0, 0.0], time.perf_counter(), 0
+    while (b := queue.claim()) < len(batches):
+        result = ttt_batch(model_fn, model, tokens, batches[b], h, luts)
+        sums = [a + r for a, r in zip(sums, result)]
+        done_tokens += int(result[2])
+        elapsed = time.perf_counter() - t0
+        log(f"ttt_progress rank:{rank} batch:{b + 1}/{len(batches)} docs:{len(batches[b])} "
+            f"longest:{batches[b][0][1]} bpb_so_far:{bits_per_byte(sums[0], sums[1]):.4f} "
+            f"tok/s:{done_tokens / max(elapsed, 1e-9):.0f} elapsed:{elapsed:.1f}s")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    loss_sum, byte_sum, count = all_reduce_sums(*sums, device=device)
+    return loss_sum / max(count, 1), bits_per_byte(loss_sum, byte_sum)
+
+
+def warm_up_ttt(model_fn, model: GPT, h: Hyperparameters, luts, device) -> float:
+    """Compile the TTT graphs on synthetic random tokens (never validation data); returns seconds."""
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    n = h.ttt_eval_seq_len + 2 * h.ttt_chunk_size + 1
+    fake = torch.randint(2, model.tok_emb.weight.size(0), (2 * n,), generator=g)
+    fake[0] = fake[n] = BOS_ID
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ttt_batch(model_fn, model, fake.to(device), [(0, n), (n, n - 2 * h.ttt_chunk_size)], h, luts)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return time.perf_counter() - t0
+
+
+# =============================================================================================
+#                                        TRAINING LOOP
+# =============================================================================================
+# The budget is wall-clock time, not steps: MAX_WALLCLOCK_SECONDS minus the GPTQ reserve. The
+# learning rate is flat, then decays linearly over the last WARMDOWN_FRAC of the *time* budget;
+# depth recurrence switches on at ENABLE_LOOPING_AT of it; all ranks stop together once any rank
+# has used the budget. Before the clock starts, every graph the run will need is compiled on
+# real training batches, and then weights, optimizer state, EMA and the data loader are put back
+# exactly as they were, so nothing learned during warmup survives (modded-nanogpt's honest warmup).
+
+
+def lr_multiplier(frac: float, h: Hyperparameters) -> float:
+    if frac < 1 - h.warmdown_frac:
+        return 1.0
+    return max((1 - frac) / max(h.warmdown_frac, 1e-9), h.min_lr)
+
+
+def muon_momentum_at(step: int, h: Hyperparameters) -> float:
+    t = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - t) * h.muon_momentum_warmup_start + t * h.muon_momentum
+
+
+def any_rank(flag: bool, device) -> bool:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class Trainer:
+    """Owns the model, its optimizers, EMA and loader for one run; `train()` runs the budget."""
+
+    def __init__(self, h: Hyperparameters, model: GPT, model_fn, device, log):
+        self.h, self.model, self.model_fn, self.device, self.log = h, model, model_fn, device, log
+        self.opt = Optimizers(model, h)
+        self.ema = EMA(model, h.ema_decay)
+        self.loader = self.new_loader()
+
+    def new_loader(self) -> DocumentPackingLoader:
+        h = self.h
+        return DocumentPackingLoader(h.train_files, h.local_batch_tokens, h.train_seq_len, h.rank, h.world_size,
+                                     self.device)
+
+    def step(self, step: int, frac: float, batches=None) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean training loss."""
+        h, total = self.h, torch.zeros((), device=self.device)
+        for micro in range(h.grad_accum_steps):
+            x, y, cu, _ = batches[micro] if batches else self.loader.next_batch()
+            mark_cu_dynamic(cu)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                loss = self.model_fn(x, y, cu, h.train_seq_len).mean()
+            (loss / h.grad_accum_steps).backward()
+            total += loss.detach()
+        self.opt.set_schedule(lr_multiplier(frac, h), muon_momentum_at(step, h))
+        if h.grad_clip_norm > 0:
+            # Clipping sees this rank's local gradient: there is no DDP, and ranks are averaged
+            # later, inside the optimizer step (as in the record; spec §6.6).
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), h.grad_clip_norm)
+        self.opt.step()
+        self.ema.update(self.model)
+        return total.item() / h.grad_accum_steps
+
+    def warm_up(self) -> float:
+        """Compile every graph (looping off/on, short and long cu_seqlens) on training batches,
+        then restore the exact initial state. Returns seconds spent."""
+        h, model, t0 = self.h, self.model, time.perf_counter()
+        if h.warmup_steps <= 0:
+            return 0.0
+        snapshot = (copy.deepcopy(model.state_dict()), copy.deepcopy(self.opt.state_dict()), self.ema.state_dict())
+        for looping in (False, True):
+            model.looping = looping
+            for i in range(max(h.warmup_steps // 2, 1)):
+                batches = None
+                if i < 4:  # vary the number of segments so each cu_seqlens bucket is seen
+                    batches = []
+                    for _ in range(h.grad_accum_steps):
+                        x, y, _, _ = self.loader.next_batch()
+                        cu = np.linspace(0, len(x), CU_SEQLENS_BUCKET * (i + 1)).astype(np.int32)
+                        batches.append((x, y, torch.from_numpy(cu).to(self.device), 0))
+                self.step(0, 0.0, batches)
+        model.looping = False
+        model.load_state_dict(snapshot[0])
+        self.opt.load_state_dict(snapshot[1])
+        self.ema.load_state_dict(snapshot[2])
+        self.loader.close()
+        self.loader = self.new_loader()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def train(self, validate) -> dict:
+        """Train until the step or time budget ends; validate(step) -> (loss, bpb) is called at
+        step 0, every VAL_LOSS_EVERY steps and at the end (its time is not counted)."""
+        h, log, model = self.h, self.log, self.model
+        budget_ms = max(h.max_wallclock_seconds - h.gptq_reserve_seconds, 0) * 1000 if h.max_wallclock_seconds > 0 else None
+        tokens_per_step = h.train_batch_tokens
+        train_ms, step, stats, last = 0.0, 0, {"looping_at_step": None}, None
+        phase = {"steps": 0, "ms": 0.0}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        while True:
+            final = step >= h.iterations or (budget_ms is not None and any_rank(train_ms >= budget_ms, self.device))
+            if step == 0 or final or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
+                val_loss, val_bpb = validate(step)
+                log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                    f"train_time:{train_ms:.0f}ms")
+                stats.update(final_val_loss=val_loss, final_val_bpb=val_bpb)
+            if final:
+                break
+            frac = train_ms / budget_ms if budget_ms else step / h.iterations
+            if not model.looping and h.num_loops > 0 and frac >= h.enable_looping_at:
+                model.looping = True
+                stats["looping_at_step"] = step
+                stats["before_looping"] = dict(phase)
+                phase = {"steps": 0, "ms": 0.0}
+                encoder, decoder = model.layer_order()
+                log(f"looping:on step:{step} encoder:{encoder} decoder:{decoder}")
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = self.step(step, frac)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) * 1000
+            train_ms += dt
+            phase["steps"] += 1
+            phase["ms"] += dt
+            step += 1
+            if step <= 5 or step % h.train_log_every == 0:
+                ms_per_step = phase["ms"] / max(phase["steps"], 1)
+                eta = (budget_ms - train_ms) / 1000 if budget_ms else (h.iterations - step) * ms_per_step / 1000
+                log(f"step:{step}/{h.iterations} train_loss:{loss:.4f} lr_mult:{lr_multiplier(frac, h):.3f} "
+                    f"ms/step:{ms_per_step:.1f} tok/s:{tokens_per_step / ms_per_step * 1000:.0f} "
+                    f"elapsed:{train_ms / 1000:.1f}s eta:{max(eta, 0):.0f}s")
+        stats[("after_looping" if model.looping else "before_looping")] = dict(phase)
+        stats.update(steps=step, train_ms=train_ms)
+        if self.device.type == "cuda":
+            stats["peak_memory_mib"] = torch.cuda.max_memory_allocated() // 2**20
+        self.loader.close()
+        return stats
+
+
+# =============================================================================================
+#                                             MAIN
+# =============================================================================================
+# Order of a run: set up ranks -> check inputs -> build and compile -> warm up -> train -> EMA ->
+# write final_model.pt (nothing after this can lose the trained model) -> pre-quant eval ->
+# Hessians + GPTQ + compression -> size check -> quantized eval -> sliding window -> TTT ->
+# summary.json and submission.json. EVAL_ONLY_PATH enters after training with a saved model.
+
+
+def setup_distributed(h: Hyperparameters) -> torch.device:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", h.local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if h.distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(minutes=10))
+    return device
+
+
+def compile_for(device, fn, **kwargs):
+    """torch.compile on CUDA; eager on CPU, where compiling costs more than it saves."""
+    return torch.compile(fn, **kwargs) if device.type == "cuda" else fn
+
+
+def load_checkpoint(path: str, model: GPT) -> None:
+    """Load a final_model.pt, naming any tensor whose name or shape does not match the model."""
+    state = torch.load(path, map_location="cpu")
+    expected = model.state_dict()
+    for name in sorted(set(expected) | set(state)):
+        if name not in state:
+            raise ConfigError(f"{path}: tensor {name} is missing; it was saved with other hyperparameters")
+        if name not in expected:
+            raise ConfigError(f"{path}: tensor {name} is not part of this model; check NUM_LAYERS and friends")
+        if state[name].shape != expected[name].shape:
+            raise ConfigError(f"{path}: tensor {name} has shape {tuple(state[name].shape)} but the current "
+                              f"hyperparameters give {tuple(expected[name].shape)}")
+    model.load_state_dict(state)
+
+
+def run(h: Hyperparameters) -> dict:
+    device = setup_distributed(h)
+    rank, world = _world()
+    log = Logger(os.path.join(h.artifact_dir, "train.log"), enabled=rank == 0)
+    source_path = os.path.abspath(__file__)
+    with open(source_path, encoding="utf-8") as f:
+        source = f.read()
+    log("\n".join(f"{k}: {v}" for k, v in sorted(h.as_dict().items())), console=False)
+    log(source, console=False)
+    log(environment_report(), console=False)
+    log(f"run_id:{h.run_id} artifact_dir:{h.artifact_dir} world_size:{world} grad_accum:{h.grad_accum_steps}")
+    eval_only_ptz = h.eval_only_path.endswith(".ptz")
+    if h.eval_only_path and not os.path.isfile(h.eval_only_path):
+        raise ConfigError(f"EVAL_ONLY_PATH={h.eval_only_path} does not exist")
+    check_data(h, need_train=not eval_only_ptz)
+    random.seed(h.seed)
+    np.random.seed(h.seed)
+    torch.manual_seed(h.seed)
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    luts = build_byte_luts(sp, h.vocab_size, device)
+    val_tokens = load_validation_tokens(h.val_files, h.eval_seq_len)
+    log(f"val_tokens:{len(val_tokens) - 1} train_shards:{len(glob.glob(h.train_files))}")
+
+    backend = pick_attention_backend(h.attn_backend)
+    log(f"attention_backend:{backend} fused_mlp:{h.fused_mlp and device.type == 'cuda' and triton is not None}")
+    model = build_model(h, device, backend)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    if device.type == "cuda":
+        torch._dynamo.config.cache_size_limit = 16
+    model_fn = compile_for(device, model, dynamic=False, fullgraph=True)
+    summary = {"run_id": h.run_id, "world_size": world, "environment": environment_report().splitlines()[:2]}
+    os.makedirs(h.artifact_dir, exist_ok=True)
+    ckpt_path = os.path.join(h.artifact_dir, "final_model.pt")
+    ptz_path = os.path.join(h.artifact_dir, "final_model.int6.ptz")
+
+    def validate(model_or_fn):
+        model.eval()
+        try:
+            return eval_val(model_or_fn, val_tokens, h, luts, device)
+        finally:
+            model.train()
+
+    if not h.eval_only_path:
+        trainer = Trainer(h, model, model_fn, device, log)
+        if device.type == "cuda":
+            trainer.opt.muon.orthogonalize = torch.compile(newton_schulz5)
+        warmup_s = trainer.warm_up()
+        log(f"warmup_and_compile:{warmup_s:.1f}s")
+        stats = trainer.train(lambda step: validate(model_fn))
+        summary.update(train=stats, warmup_seconds=warmup_s)
+        log(f"train_done steps:{stats['steps']} train_time:{stats['train_ms'] / 1000:.1f}s "
+            f"peak_memory:{stats.get('peak_memory_mib', 0)}MiB live_val_bpb:{stats['final_val_bpb']:.5f}")
+        trainer.ema.copy_to(model)
+        if rank == 0:
+            torch.save(model.state_dict(), ckpt_path)
+            log(f"saved {ckpt_path} ({os.path.getsize(ckpt_path)} bytes)")
+    elif not eval_only_ptz:
+        load_checkpoint(h.eval_only_path, model)
+        ckpt_path = h.eval_only_path
+        ptz_path = os.path.join(os.path.dirname(os.path.abspath(h.eval_only_path)), "final_model.int6.ptz")
+    model.looping = h.num_loops > 0
+    eval_fn = compile_for(device, model, dynamic=False, fullgraph=True)
+
+    if not eval_only_ptz:
+        t0 = time.perf_counter()
+        loss, bpb = validate(eval_fn)
+        summary["prequant"] = {"val_loss": loss, "val_bpb": bpb, "eval_seconds": time.perf_counter() - t0}
+        log(f"prequant (EMA) val_loss:{loss:.5f} val_bpb:{bpb:.5f} eval:{time.perf_counter() - t0:.1f}s")
+        if not os.path.isfile(ptz_path) or not h.eval_only_path:
+            summary["artifact"] = write_artifact(h, model, source, ptz_path, device, log,
+                                                 lambda m: validate(compile_for(device, m, dynamic=False, fullgraph=True)))
+        if dist.is_initialized():
+            dist.barrier()
+    else:
+        ptz_path = h.eval_only_path
+    with open(ptz_path, "rb") as f:
+        blob = f.read()
+    qmodel = build_model(h, device, backend)
+    load_artifact(blob, qmodel)
+    qmodel.looping = h.num_loops > 0
+    q_fn = compile_for(device, qmodel, dynamic=False, fullgraph=True)
+    qmodel.eval()
+    t0 = time.perf_counter()
+    loss, bpb = eval_val(q_fn, val_tokens, h, luts, device)
+    summary["quantized"] = {"val_loss": loss, "val_bpb": bpb, "eval_seconds": time.perf_counter() - t0}
+    log(f"quantized val_loss:{loss:.5f} val_bpb:{bpb:.5f} eval:{time.perf_counter() - t0:.1f}s")
+    final = summary["quantized"]
+    if h.sliding_window_enabled:
+        t0 = time.perf_counter()
+        loss, bpb = eval_val_sliding(q_fn, val_tokens, h, luts, device, log)
+        summary["sliding"] = final = {"val_loss": loss, "val_bpb": bpb, "eval_seconds": time.perf_counter() - t0}
+        log(f"sliding_window val_loss:{loss:.5f} val_bpb:{bpb:.5f} eval:{time.perf_counter() - t0:.1f}s")
+    if h.ttt_enabled:
+        ttt_fn = compile_for(device, qmodel.forward, dynamic=True)
+        compile_s = warm_up_ttt(ttt_fn, qmodel, h, luts, device)
+        log(f"ttt_compile_warmup:{compile_s:.1f}s (synthetic tokens)")
+        t0 = time.perf_counter()
+        loss, bpb = eval_val_ttt(ttt_fn, qmodel, val_tokens, h, luts, device, log)
+        ttt_s = time.perf_counter() - t0
+        summary["ttt"] = final = {"val_loss": loss, "val_bpb": bpb, "eval_seconds": ttt_s, "compile_seconds": compile_s,
+                                  "doc_fraction": h.val_doc_fraction}
+        log(f"ttt val_loss:{loss:.5f} val_bpb:{bpb:.5f} eval:{ttt_s:.1f}s")
+        if ttt_s > 600:
+            log(f"WARNING: TTT evaluation took {ttt_s:.0f}s, over the challenge's 600s evaluation budget")
+    summary["final"] = final
+    if rank == 0:
+        write_run_files(h, summary)
+    log(f"final val_loss:{final['val_loss']:.5f} val_bpb:{final['val_bpb']:.5f}")
+    return summary
+
+
+def write_run_files(h: Hyperparameters, summary: dict) -> None:
+    """summary.json (everything measured) and submission.json (the challenge's record format)."""
+    with open(os.path.join(h.artifact_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    artifact = summary.get("artifact", {})
+    submission = {"name": h.submission_name or h.run_id, "author": h.submission_author,
+                  "github_id": h.submission_github_id, "val_bpb": summary["final"]["val_bpb"],
+                  "val_loss": summary["final"]["val_loss"], "bytes_total": artifact.get("total_bytes"),
+                  "bytes_code": artifact.get("code_bytes"), "date": datetime.date.today().isoformat()}
+    with open(os.path.join(h.artifact_dir, "submission.json"), "w") as f:
+        json.dump(submission, f, indent=2)
+
+
+def main() -> int:
+    try:
+        h = Hyperparameters()
+        run(h)
+        code = 0
+    except (ConfigError, ShardError, ArtifactTooLarge) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 3 if isinstance(e, ArtifactTooLarge) else 2
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    if dist.is_initialized():
+        if code == 0:
+            dist.destroy_process_group()
+        else:  # a failed rank must not leave the others waiting in a collective: torchrun stops them
+            os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
