@@ -24,6 +24,14 @@ import sys
 
 import pytest
 
+# One intra-op thread: with two or more threads on a 2-core machine that is also running loader
+# threads or a second test process, OpenMP's spinning makes small matmuls hundreds of times slower.
+# Subprocesses (torchrun, gloo ranks, scripts) inherit the variable.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "data")):
     if _path not in sys.path:
