@@ -559,7 +559,8 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Attention backends. FlashAttention 3 is fastest on Hopper but is not on PyPI; torch's own
 # varlen_attn (torch >= 2.10) runs the same document-isolated attention on any recent GPU; SDPA
-# per document segment is the portable reference (CPU, tests). One is chosen at start and logged.
+# with a per-document causal mask is the portable reference (CPU, tests). One is chosen at start
+# and logged.
 # Layout everywhere: q [B, T, Hq, D], k/v [B, T, Hkv, D]; cu_seqlens (B == 1) cuts the row into
 # documents, otherwise each row is one causal sequence.
 # ---------------------------------------------------------------------------------------------
@@ -613,15 +614,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None,
         y = varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
                         max_seqlen, max_seqlen, window_size=(-1, 0), **_VARLEN_GQA)
         return y.view(B, T, *y.shape[1:])
-    # SDPA: one call per document segment (or one call for a dense batch)
-    def sdpa(q_, k_, v_):
-        return F.scaled_dot_product_attention(q_.transpose(-3, -2), k_.transpose(-3, -2), v_.transpose(-3, -2),
-                                              is_causal=True, enable_gqa=True).transpose(-3, -2)
-    if cu_seqlens is None:
-        return sdpa(q, k, v)
-    bounds = cu_seqlens.tolist()
-    out = [sdpa(q[:, s:e], k[:, s:e], v[:, s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-    return torch.cat(out, dim=1)
+    # SDPA with a block-diagonal causal mask: a token sees earlier tokens of its own segment only.
+    # O(T^2) memory, so this is the portable reference path (CPU, tests), not a training path.
+    mask = None
+    if cu_seqlens is not None:
+        segment = torch.searchsorted(cu_seqlens[1:], torch.arange(q.size(1), device=q.device), right=True)
+        mask = (segment[:, None] == segment[None, :]).tril()
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=True)
+    return y.transpose(1, 2)
 
 
 def _varlen_gqa_kwargs() -> dict:
@@ -803,8 +804,10 @@ class GPT(nn.Module):
 
 
 def build_model(h: Hyperparameters, device, attn_backend: str = "sdpa") -> GPT:
-    """The model in its training dtypes: banks and small control tensors fp32, tok_emb bf16."""
-    return GPT(h, attn_backend).to(device)
+    """The model in its training dtypes: banks and small control tensors fp32, tok_emb bf16 (so
+    activations are bf16). Without CUDA everything is fp32: CPUs emulate bf16 matmuls slowly."""
+    model = GPT(h, attn_backend).to(device)
+    return model if torch.device(device).type == "cuda" else model.float()
 
 
 # =============================================================================================
@@ -1019,6 +1022,11 @@ def eager_mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
 SMALL_TENSOR_NUMEL = 2**15
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 class _Finished:
     """A collective handle for the emulated (gloo) collectives: finishing work runs at wait()."""
 
@@ -1093,13 +1101,10 @@ class Muon(torch.optim.Optimizer):
         self.orthogonalize = newton_schulz5  # main() swaps in a compiled version on CUDA
         self._pending: list = []
 
-    def _world(self) -> tuple[int, int]:
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
     @torch.no_grad()
     def launch_reduce_scatter(self):
         """Start averaging every bank's gradient; called first in Optimizers.step."""
-        rank, world = self._world()
+        _, world = _world()
         self._pending = []
         for p in sorted(self.param_groups[0]["params"], key=lambda p: -p.numel()):  # largest first
             per_rank = -(-p.size(0) // world)
@@ -1115,7 +1120,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        rank, world = self._world()
+        _, world = _world()
         group = self.param_groups[0]
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         applies = []
@@ -1190,12 +1195,12 @@ class Optimizers:
         return works
 
     def step(self):
+        """Start every collective, wait for the replicated gradients, step AdamW, then Muon
+        (which waits for each bank's reduce-scatter just before orthogonalizing it)."""
+        self.muon.launch_reduce_scatter()
         if dist.is_initialized() and dist.get_world_size() > 1:
-            self.muon.launch_reduce_scatter()
             for work in self.sync_replicated_grads():
                 work.wait()
-        else:
-            self.muon.launch_reduce_scatter()
         self.adam_embed.step()
         self.adam_scalars.step()
         self.muon.step()
@@ -1750,10 +1755,6 @@ def write_artifact(h: Hyperparameters, model: GPT, source: str, ptz_path: str, d
 # contiguous shares of whole sequences and the last batch is padded and masked, so every target
 # counts whatever the world size (the record dropped each rank's remainder). The sliding window
 # gives every scored token EVAL_SEQ_LEN - EVAL_STRIDE tokens of context instead.
-
-
-def _world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def all_reduce_sums(*values: float, device) -> list[float]:
@@ -2386,6 +2387,8 @@ def write_run_files(h: Hyperparameters, summary: dict) -> None:
     """summary.json (everything measured) and submission.json (the challenge's record format)."""
     with open(os.path.join(h.artifact_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
+    if "final" not in summary:  # a refused artifact: no score to submit
+        return
     artifact = summary.get("artifact", {})
     submission = {"name": h.submission_name or h.run_id, "author": h.submission_author,
                   "github_id": h.submission_github_id, "val_bpb": summary["final"]["val_bpb"],

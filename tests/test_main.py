@@ -1,0 +1,155 @@
+"""The whole script through main(), in-process on CPU: train -> checkpoint -> quantize -> evaluate,
+EVAL_ONLY_PATH on both the checkpoint and the artifact, the size limit (refusal and autofit), and
+the one-line errors for bad input."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import train_gpt as tg
+from tests.conftest import TINY_ENV
+
+# Wide enough that the MLP matrices (640 x 128 > 65,536 elements) go through GPTQ at int6.
+E2E_ENV = dict(TINY_ENV, MODEL_DIM="128", MLP_MULT="5", NUM_HEADS="4", NUM_KV_HEADS="2", ITERATIONS="3",
+               WARMUP_STEPS="2", TTT_ENABLED="0", COMPRESSOR="lzma")
+
+
+def run_main(monkeypatch, env: dict) -> int:
+    for key in list(os.environ):
+        if key in tg.Hyperparameters(env={}).__dict__ or key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    return tg.main()
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset, tmp_path_factory):
+    """One tiny training run shared by the tests below (its folder is read-only for them)."""
+    out = str(tmp_path_factory.mktemp("e2e"))
+    mp = pytest.MonkeyPatch()
+    try:
+        code = run_main(mp, dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=out, TTT_ENABLED="1",
+                                 VAL_DOC_FRACTION="0.25", SUBMISSION_NAME="tiny", SUBMISSION_AUTHOR="tests"))
+    finally:
+        mp.undo()
+    assert code == 0
+    return out
+
+
+def test_run_writes_everything_and_counts_exact_bytes(trained_run):
+    for name in ("train.log", "final_model.pt", "final_model.int6.ptz", "train_gpt.min.py", "summary.json",
+                 "submission.json"):
+        assert os.path.isfile(os.path.join(trained_run, name)), name
+    summary = read_json(os.path.join(trained_run, "summary.json"))
+    artifact = summary["artifact"]
+    assert artifact["model_bytes"] == os.path.getsize(os.path.join(trained_run, "final_model.int6.ptz"))
+    assert artifact["code_bytes"] == os.path.getsize(os.path.join(trained_run, "train_gpt.min.py"))
+    assert artifact["total_bytes"] == artifact["model_bytes"] + artifact["code_bytes"] <= 16_000_000
+    assert summary["train"]["steps"] == 3
+    assert "ttt" in summary and summary["final"] == summary["ttt"]
+    submission = read_json(os.path.join(trained_run, "submission.json"))
+    assert submission["name"] == "tiny" and submission["bytes_total"] == artifact["total_bytes"]
+    assert submission["val_bpb"] == summary["ttt"]["val_bpb"]
+    # GPTQ actually ran on the wide MLP matrices
+    log = open(os.path.join(trained_run, "train.log")).read()
+    assert "gptq (int6)" in log
+
+
+@pytest.mark.parametrize("target", ["final_model.pt", "final_model.int6.ptz"])
+def test_eval_only_reproduces_the_quantized_score(trained_run, tiny_dataset, tmp_path, monkeypatch, target):
+    before = read_json(os.path.join(trained_run, "summary.json"))["quantized"]
+    code = run_main(monkeypatch, dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path),
+                                      EVAL_ONLY_PATH=os.path.join(trained_run, target)))
+    assert code == 0
+    after = read_json(os.path.join(tmp_path, "summary.json"))["quantized"]
+    assert after["val_bpb"] == pytest.approx(before["val_bpb"], rel=1e-6)
+    assert after["val_loss"] == pytest.approx(before["val_loss"], rel=1e-6)
+
+
+def test_over_limit_artifact_is_written_then_refused(trained_run, tiny_dataset, tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "final_model.pt"  # no artifact beside it: quantize again, then check the size
+    shutil.copy(os.path.join(trained_run, "final_model.pt"), ckpt)
+    code = run_main(monkeypatch, dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path),
+                                      EVAL_ONLY_PATH=str(ckpt), ARTIFACT_LIMIT_BYTES="20000"))
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "over the 20,000-byte limit" in err and "artifact:" in err
+    assert (tmp_path / "final_model.int6.ptz").is_file() and (tmp_path / "summary.json").is_file()
+
+
+def test_autofit_finds_a_clip_that_fits(trained_run, tiny_dataset, tmp_path, monkeypatch):
+    ckpt = tmp_path / "final_model.pt"
+    shutil.copy(os.path.join(trained_run, "final_model.pt"), ckpt)
+    fitted = read_json(os.path.join(trained_run, "summary.json"))["artifact"]["total_bytes"]
+    limit = fitted - 1500  # a little less than the unfitted artifact
+    code = run_main(monkeypatch, dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path), EVAL_ONLY_PATH=str(ckpt),
+                                      ARTIFACT_LIMIT_BYTES=str(limit), ARTIFACT_AUTOFIT="1"))
+    assert code == 0
+    artifact = read_json(os.path.join(tmp_path, "summary.json"))["artifact"]
+    assert artifact["total_bytes"] <= limit
+    assert artifact["autofit_clip_factor"] > 1
+    assert "autofit_bpb_cost" in artifact
+
+
+def test_eval_only_with_wrong_shapes_names_the_tensor(trained_run, tiny_dataset, tmp_path, monkeypatch, capsys):
+    code = run_main(monkeypatch, dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path), MLP_MULT="4",
+                                      EVAL_ONLY_PATH=os.path.join(trained_run, "final_model.pt")))
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "mlp_down_bank" in err and "(4, 128, 640)" in err and "(4, 128, 512)" in err
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_missing_data_folder(tmp_path, monkeypatch, capsys):
+    code = run_main(monkeypatch, dict(TINY_ENV, DATA_DIR=str(tmp_path / "nowhere"), VOCAB_SIZE="512",
+                                      ARTIFACT_DIR=str(tmp_path)))
+    assert code == 2
+    err = one_line_error(capsys)
+    assert "DATA_DIR" in err and "cached_challenge_fineweb.py" in err
+
+
+def test_tokenizer_that_does_not_match_vocab_size(tiny_dataset, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset.dataset_dir, data / "datasets" / "fineweb10B_sp1024")
+    os.makedirs(data / "tokenizers")
+    shutil.copy(tiny_dataset.tokenizer_path, data / "tokenizers" / "fineweb_1024_bpe.model")
+    code = run_main(monkeypatch, dict(TINY_ENV, DATA_DIR=str(data), VOCAB_SIZE="1024", ARTIFACT_DIR=str(tmp_path)))
+    assert code == 2
+    err = one_line_error(capsys)
+    assert "VOCAB_SIZE=1024" in err and "512" in err and "fineweb_1024_bpe.model" in err
+
+
+def test_corrupt_shard(tiny_dataset, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset.data_dir, data)
+    val = sorted((data / "datasets").glob("*/fineweb_val_*.bin"))[0]
+    with open(val, "r+b") as f:
+        f.truncate(os.path.getsize(val) - 7)
+    code = run_main(monkeypatch, dict(TINY_ENV, DATA_DIR=str(data), VOCAB_SIZE=str(tiny_dataset.vocab_size),
+                                      ARTIFACT_DIR=str(tmp_path)))
+    assert code == 2
+    err = one_line_error(capsys)
+    assert str(val) in err and "truncated" in err
+
+
+@pytest.mark.parametrize("env, variable", [({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"),
+                                           ({"WORLD_SIZE": "3", "RANK": "0"}, "WORLD_SIZE"),
+                                           ({"NUM_LAYERS": "eleven"}, "NUM_LAYERS")])
+def test_impossible_settings(tiny_dataset, tmp_path, monkeypatch, capsys, env, variable):
+    code = run_main(monkeypatch, dict(TINY_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path), **env))
+    assert code == 2
+    assert variable in one_line_error(capsys)
