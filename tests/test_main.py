@@ -153,3 +153,30 @@ def test_impossible_settings(tiny_dataset, tmp_path, monkeypatch, capsys, env, v
     code = run_main(monkeypatch, dict(TINY_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path), **env))
     assert code == 2
     assert variable in one_line_error(capsys)
+
+
+FAILING_RANK_SCRIPT = """
+import os, sys
+sys.path.insert(0, {root!r})
+import train_gpt as tg
+if os.environ["RANK"] == "1":  # rank 1 breaks in the middle of training, rank 0 is inside a collective
+    def broken(self):
+        raise RuntimeError("injected failure on rank 1")
+    tg.Optimizers.step = broken
+sys.exit(tg.main())
+"""
+
+
+def test_one_failing_rank_does_not_hang_the_others(tiny_dataset, tmp_path):
+    import subprocess
+    import sys
+    import time
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING_RANK_SCRIPT.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = dict(os.environ, **TINY_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path / "run"), TTT_ENABLED="0")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stderr + proc.stdout
+    assert time.time() - t0 < 200
