@@ -167,9 +167,9 @@ class Hyperparameters:
         self.submission_github_id = get("SUBMISSION_GITHUB_ID", "")
         # distributed layout, from torchrun
         self.distributed = "RANK" in env and "WORLD_SIZE" in env
-        self.rank = int(env.get("RANK", 0))
-        self.world_size = int(env.get("WORLD_SIZE", 1))
-        self.local_rank = int(env.get("LOCAL_RANK", 0))
+        self.rank = int(env.get("RANK", 0)) if self.distributed else 0
+        self.world_size = int(env.get("WORLD_SIZE", 1)) if self.distributed else 1
+        self.local_rank = int(env.get("LOCAL_RANK", 0)) if self.distributed else 0
         if self.world_size < 1 or 8 % self.world_size:
             raise ConfigError(f"WORLD_SIZE={self.world_size} must divide 8 (use 1, 2, 4 or 8 processes)")
         self.grad_accum_steps = 8 // self.world_size
@@ -219,13 +219,21 @@ class Hyperparameters:
                                      ("COMPRESSOR", self.compressor, ("brotli", "lzma"))):
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} must be one of {', '.join(repr(a) for a in allowed)}")
+        if 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
+            raise ConfigError(f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} leaves no training time after "
+                              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}")
         if self.gptq_calibration_batches < self.world_size:
             raise ConfigError(f"GPTQ_CALIBRATION_BATCHES={self.gptq_calibration_batches} must be at least WORLD_SIZE")
         if not 0 < self.val_doc_fraction <= 1:
             raise ConfigError(f"VAL_DOC_FRACTION={self.val_doc_fraction} must be in (0, 1]")
-        if self.val_batch_tokens % (self.world_size * self.eval_seq_len):
-            raise ConfigError(f"VAL_BATCH_TOKENS={self.val_batch_tokens} must be a multiple of WORLD_SIZE x "
-                              f"EVAL_SEQ_LEN = {self.world_size * self.eval_seq_len}")
+        if self.val_batch_tokens % (8 * self.eval_seq_len):
+            raise ConfigError(f"VAL_BATCH_TOKENS={self.val_batch_tokens} must be a multiple of 8 x EVAL_SEQ_LEN = "
+                              f"{8 * self.eval_seq_len} (rows of VAL_BATCH_TOKENS/8 tokens, on any world size)")
+        if not 0 < self.eval_stride <= self.eval_seq_len:
+            raise ConfigError(f"EVAL_STRIDE={self.eval_stride} must be in 1..EVAL_SEQ_LEN={self.eval_seq_len}")
+        if self.ttt_eval_seq_len < self.ttt_chunk_size:
+            raise ConfigError(f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} must be at least "
+                              f"TTT_CHUNK_SIZE={self.ttt_chunk_size}")
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items()}
@@ -724,7 +732,7 @@ class GPT(nn.Module):
             hidden = F.leaky_relu(F.linear(x, up), 0.5).square()
             self.capture(f"blocks.{l}.mlp.proj", hidden)
             out = F.linear(hidden, down)
-        elif self.use_fused_mlp and self.training and x.is_cuda and triton is not None:
+        elif self.use_fused_mlp and self.training and x.is_cuda and x.dtype == torch.bfloat16 and triton is not None:
             out = fused_mlp(x, up, down)
         else:
             out = eager_mlp(x, up, down)
@@ -1244,6 +1252,8 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module):
+        if self.steps == 0:  # no average yet: keep the live weights
+            return
         params = dict(model.named_parameters())
         for n, value in self.averaged().items():
             params[n].copy_(value.to(params[n].dtype))
@@ -1807,18 +1817,18 @@ def mark_cu_dynamic(cu: Tensor) -> None:
 
 
 def eval_val(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, device) -> tuple[float, float]:
-    """(val_loss, val_bpb) over every target of the validation stream."""
+    """(val_loss, val_bpb) over every target of the validation stream. The stream is cut into rows
+    of VAL_BATCH_TOKENS / 8 tokens (the record's per-GPU batch on 8 GPUs) whatever the world size,
+    so contexts are cut at the same places and the score does not depend on the number of ranks."""
     rank, world = _world()
-    L = h.eval_seq_len
-    num_seqs = (len(val_tokens) - 1) // L
-    lo, hi = num_seqs * rank // world, num_seqs * (rank + 1) // world
-    per_batch = h.val_batch_tokens // (world * L)
+    row = h.val_batch_tokens // 8
+    n = len(val_tokens) - 1
+    rows = list(range(0, n, row))
     sums = [0.0, 0.0, 0.0]
-    for s in range(lo, hi, per_batch):
-        e = min(s + per_batch, hi)
-        chunk = val_tokens[s * L:e * L + 1]
+    for start in rows[len(rows) * rank // world:len(rows) * (rank + 1) // world]:
+        chunk = val_tokens[start:min(start + row, n) + 1]
         piece = (chunk[:-1], chunk[1:], torch.ones(len(chunk) - 1, dtype=torch.bool))
-        for i, v in enumerate(score_rows(model_fn, [piece], per_batch * L, h.eval_seq_len, luts, device)):
+        for i, v in enumerate(score_rows(model_fn, [piece], row, h.eval_seq_len, luts, device)):
             sums[i] += v
     loss_sum, byte_sum, count = all_reduce_sums(*sums, device=device)
     return loss_sum / max(count, 1), bits_per_byte(loss_sum, byte_sum)
@@ -1868,14 +1878,17 @@ def eval_val_sliding(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, dev
 
 class BatchedLoRA(nn.Module):
     """One LoRA set per document of a batch: delta(x) = B (A x), A [slots, bsz, r, in] uniform(+-1/sqrt(in)),
-    B [slots, bsz, out, r] zero, so every adapter starts as the identity change."""
+    B [slots, bsz, out, r] zero, so every adapter starts as the identity change. Every document
+    starts from the same seeded A, so its result does not depend on its batch, slot or rank."""
 
-    def __init__(self, shapes: dict[str, tuple[int, int, int]], bsz: int, rank: int, device):
+    def __init__(self, shapes: dict[str, tuple[int, int, int]], bsz: int, rank: int, device, seed: int = 0):
         super().__init__()
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
+        g = torch.Generator(device=device).manual_seed(seed)
         for name, (slots, d_in, d_out) in shapes.items():
             bound = 1 / math.sqrt(d_in)
-            self.A[name] = nn.Parameter(torch.empty(slots, bsz, rank, d_in, device=device).uniform_(-bound, bound))
+            a = torch.empty(slots, 1, rank, d_in, device=device).uniform_(-bound, bound, generator=g)
+            self.A[name] = nn.Parameter(a.expand(slots, bsz, rank, d_in).contiguous())
             self.B[name] = nn.Parameter(torch.zeros(slots, bsz, d_out, rank, device=device))
 
     def delta(self, name: str, slot: int, x: Tensor) -> Tensor:
@@ -2021,7 +2034,7 @@ def ttt_batch(model_fn, model: GPT, tokens: Tensor, batch: list, h: Hyperparamet
     starts = torch.tensor([s for s, _ in batch], device=device)
     pred_lens = torch.tensor([n - 1 for _, n in batch], device=device)
     chunks = [-(-(n - 1) // h.ttt_chunk_size) for _, n in batch]
-    lora = BatchedLoRA(lora_shapes(model, h), len(batch), h.ttt_lora_rank, device)
+    lora = BatchedLoRA(lora_shapes(model, h), len(batch), h.ttt_lora_rank, device, h.seed)
     opt = LoRAOptimizer(lora.parameters(), h)
     adapters = OptionalLoRA(lora)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -2055,20 +2068,17 @@ def eval_val_ttt(model_fn, model: GPT, val_tokens: Tensor, h: Hyperparameters, l
     docs = select_documents(split_documents(val_tokens), h.val_doc_fraction, h.seed)
     batches = ttt_batches(docs, h.ttt_batch_size)
     tokens = val_tokens.to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
     queue = WorkQueue(f"ttt_queue_{h.run_id}")
     sums, t0, done_tokens = [0.0, 0.0, 0.0], time.perf_counter(), 0
-    while (b := queue.claim()) < len(batches):
-        result = ttt_batch(model_fn, model, tokens, batches[b], h, luts)
-        sums = [a + r for a, r in zip(sums, result)]
-        done_tokens += int(result[2])
-        elapsed = time.perf_counter() - t0
-        log(f"ttt_progress rank:{rank} batch:{b + 1}/{len(batches)} docs:{len(batches[b])} "
-            f"longest:{batches[b][0][1]} bpb_so_far:{bits_per_byte(sums[0], sums[1]):.4f} "
-            f"tok/s:{done_tokens / max(elapsed, 1e-9):.0f} elapsed:{elapsed:.1f}s")
-    for p in model.parameters():
-        p.requires_grad_(True)
+    with frozen(model):
+        while (b := queue.claim()) < len(batches):
+            result = ttt_batch(model_fn, model, tokens, batches[b], h, luts)
+            sums = [a + r for a, r in zip(sums, result)]
+            done_tokens += int(result[2])
+            elapsed = time.perf_counter() - t0
+            log(f"ttt_progress rank:{rank} batch:{b + 1}/{len(batches)} docs:{len(batches[b])} "
+                f"longest:{batches[b][0][1]} bpb_so_far:{bits_per_byte(sums[0], sums[1]):.4f} "
+                f"tok/s:{done_tokens / max(elapsed, 1e-9):.0f} elapsed:{elapsed:.1f}s")
     loss_sum, byte_sum, count = all_reduce_sums(*sums, device=device)
     return loss_sum / max(count, 1), bits_per_byte(loss_sum, byte_sum)
 
@@ -2080,12 +2090,24 @@ def warm_up_ttt(model_fn, model: GPT, h: Hyperparameters, luts, device) -> float
     n = h.ttt_eval_seq_len + 2 * h.ttt_chunk_size + 1
     fake = torch.randint(2, model.tok_emb.weight.size(0), (2 * n,), generator=g)
     fake[0] = fake[n] = BOS_ID
-    for p in model.parameters():
-        p.requires_grad_(False)
-    ttt_batch(model_fn, model, fake.to(device), [(0, n), (n, n - 2 * h.ttt_chunk_size)], h, luts)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    with frozen(model):
+        ttt_batch(model_fn, model, fake.to(device), [(0, n), (n, n - 2 * h.ttt_chunk_size)], h, luts)
     return time.perf_counter() - t0
+
+
+class frozen:
+    """Context manager: the model's own weights get no gradients while the LoRAs train."""
+
+    def __init__(self, model: nn.Module):
+        self.params = list(model.parameters())
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
 
 
 # =============================================================================================

@@ -1,0 +1,539 @@
+"""MODEL: shapes and parameter count of the record's GPT, the virtual layer order, document isolation
+in packed rows, attention (SDPA per segment, GQA, XSA), partial RoPE, U-Net skips, two-lane parallel
+residuals, bank <-> per-layer names, and the configuration checks that guard the architecture.
+
+CPU only: tiny models (4 layers, width 64), cast to fp32 where a check is exact math. The default
+model is only built on the meta device (no forward: it is slow on CPU).
+Run: python3 -m pytest -q tests/test_model.py
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+from train_gpt import ConfigError, Hyperparameters
+
+VOCAB = 512
+TINY_MODEL_ENV = {
+    "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2",
+    "LOOP_START": "1", "LOOP_END": "2", "PARALLEL_START_LAYER": "3", "XSA_LAST_N": "2", "ROPE_DIMS": "8",
+    "VOCAB_SIZE": str(VOCAB), "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024",
+    "VAL_BATCH_TOKENS": "512", "GPTQ_CALIBRATION_BATCHES": "2",
+}
+
+
+def tiny_hparams(**overrides) -> Hyperparameters:
+    env = dict(TINY_MODEL_ENV)
+    env.update({k: str(v) for k, v in overrides.items()})
+    return Hyperparameters(env=env)
+
+
+def tiny_model(seed: int = 0, randomize: bool = True, fp32: bool = True, backend: str = "sdpa", device="cpu",
+               **overrides) -> tg.GPT:
+    """A tiny GPT. randomize: the zero-initialised output matrices and every control tensor get random
+    values, so that every path of the forward matters. fp32: everything fp32 (exact math);
+    otherwise the GPU training dtypes, tok_emb bf16 and so bf16 activations, whatever the device."""
+    torch.manual_seed(seed)
+    model = tg.GPT(tiny_hparams(**overrides), backend).to(device)
+    if randomize:
+        g = torch.Generator().manual_seed(seed + 1)
+        L = model.num_layers
+
+        def rand(t, scale, shift=0.0):
+            return (shift + scale * torch.randn(t.shape, generator=g)).to(t.device, t.dtype)
+
+        with torch.no_grad():
+            model.qo_bank[L:] = rand(model.qo_bank[L:], 0.1)
+            model.mlp_down_bank.copy_(rand(model.mlp_down_bank, 0.05))
+            model.tok_emb.weight.copy_(rand(model.tok_emb.weight, 1.0))
+            model.q_gain.copy_(rand(model.q_gain, 0.5, 2.0))
+            for p in (model.attn_scale, model.mlp_scale, model.skip_weights, model.parallel_resid_lambdas):
+                p.copy_(rand(p, 0.3, 1.0))
+            for p in (model.resid_mix, model.skip_gates, model.parallel_post_lambdas):
+                p.copy_(rand(p, 0.5) + p)
+    return model.float() if fp32 else model
+
+
+def packed_row(doc_lens, vocab=VOCAB, seed=0, cut_first=True):
+    """A row of documents (BOS + random tokens) of the given lengths, plus one more token for the
+    targets. cut_first: the row starts inside a document (no BOS at position 0)."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(doc_lens)
+    tokens = torch.randint(2, vocab, (n + 1,), generator=g)
+    starts = np.concatenate([[0], np.cumsum(doc_lens)[:-1]])
+    for i, s in enumerate(starts):
+        if i > 0 or not cut_first:
+            tokens[s] = tg.BOS_ID
+    tokens[n] = tg.BOS_ID  # the next row's document
+    return tokens, [int(s) for s in starts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes, parameter count and layer order at the record's defaults
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    with torch.device("meta"):
+        return tg.GPT(Hyperparameters(env={}))
+
+
+def test_default_parameter_count_and_shapes(default_model):
+    m = default_model
+    assert sum(p.numel() for p in m.parameters()) == 35_944_602
+    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    assert shapes == {
+        "tok_emb.weight": (8192, 512), "qo_bank": (22, 512, 512), "kv_bank": (22, 256, 512),
+        "mlp_up_bank": (11, 2048, 512), "mlp_down_bank": (11, 512, 2048), "q_gain": (11, 8),
+        "attn_scale": (11, 512), "mlp_scale": (11, 512), "resid_mix": (11, 2, 512), "skip_weights": (8, 512),
+        "skip_gates": (8, 512), "parallel_post_lambdas": (11, 2, 2), "parallel_resid_lambdas": (11, 2)}
+    # spec §4.4: tok_emb stays bf16, banks and control tensors are fp32
+    assert {n for n, p in m.named_parameters() if p.dtype == torch.bfloat16} == {"tok_emb.weight"}
+    assert all(p.dtype == torch.float32 for n, p in m.named_parameters() if n != "tok_emb.weight")
+
+
+def test_default_layer_order(default_model):
+    m = default_model
+    assert m.layer_order(looping=True) == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])
+    assert m.layer_order(looping=False) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
+    assert sum(map(len, m.layer_order(looping=True))) == 17  # virtual layers (slots) with looping on
+    assert sum(map(len, m.layer_order(looping=False))) == 11
+    assert m.looping is False and m.layer_order() == m.layer_order(looping=False)  # off until training turns it on
+
+
+def test_init_values_follow_the_spec():
+    m = tiny_model(randomize=False, fp32=False)
+    L = m.num_layers
+    assert m.tok_emb.weight.dtype == torch.bfloat16
+    assert abs(m.tok_emb.weight.float().std().item() - 0.005) < 0.0005
+    assert not m.qo_bank[L:].any() and not m.mlp_down_bank.any()  # O and MLP-down start at zero
+    for bank, idx in ((m.qo_bank, range(L)), (m.kv_bank, range(2 * L)), (m.mlp_up_bank, range(L))):
+        for i in idx:  # orthogonal slices: W W^T = I (rows <= cols) or W^T W = I
+            w = bank[i].detach().double()
+            gram = w @ w.T if w.size(0) <= w.size(1) else w.T @ w
+            torch.testing.assert_close(gram, torch.eye(gram.size(0), dtype=torch.float64), atol=1e-5, rtol=0)
+    assert torch.equal(m.q_gain, torch.full_like(m.q_gain, 5.0))
+    assert torch.equal(m.resid_mix[:, 0], torch.ones(L, 64)) and not m.resid_mix[:, 1].any()
+    assert torch.equal(m.skip_weights, torch.ones_like(m.skip_weights)) and not m.skip_gates.any()
+    assert torch.equal(m.parallel_post_lambdas, torch.ones(L, 2, 2))
+    assert torch.equal(m.parallel_resid_lambdas, torch.full((L, 2), 1.1))
+    torch.testing.assert_close(m.ln_scales, torch.tensor([1 / math.sqrt(i + 1) for i in range(L)]))
+
+
+def test_build_model_dtypes():
+    """On CUDA the training dtypes (tok_emb bf16, the rest fp32); on CPU all fp32 (slow bf16 matmuls)."""
+    h = tiny_hparams()
+    model = tg.build_model(h, torch.device("cpu"))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    if torch.cuda.is_available():
+        model = tg.build_model(h, torch.device("cuda"))
+        assert {n for n, p in model.named_parameters() if p.dtype != torch.float32} == {"tok_emb.weight"}
+        assert model.tok_emb.weight.dtype == torch.bfloat16
+
+
+def test_tiny_layer_order_and_forward_visits_it():
+    m = tiny_model()
+    assert m.layer_order(looping=False) == ([0, 1], [2, 3])
+    assert m.layer_order(looping=True) == ([0, 1, 2, 1], [2, 1, 2, 3])
+    assert m.skip_weights.size(0) == 4  # min(#encoder, #decoder) of the looped layout
+    ids = torch.randint(2, VOCAB, (1, 16))
+    for looping in (False, True):
+        m.looping = looping
+        visited = []
+        for name in ("sequential_block", "parallel_block"):
+            original = getattr(m, name)
+            setattr(m, name, lambda l, *a, _f=original: visited.append(l) or _f(l, *a))
+        m.hidden(ids)
+        del m.sequential_block, m.parallel_block
+        encoder, decoder = m.layer_order()
+        assert visited == encoder + decoder
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+def dense_causal_reference(q, k, v):
+    """Plain causal attention of one sequence, q [T, Hq, D], k/v [T, Hkv, D]; query head h reads
+    KV head h // (Hq / Hkv). Computed head by head in float64."""
+    T, Hq, D = q.shape
+    group = Hq // k.size(1)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    out = torch.empty(T, Hq, D, dtype=torch.float64)
+    for h in range(Hq):
+        qh, kh, vh = q[:, h].double(), k[:, h // group].double(), v[:, h // group].double()
+        scores = (qh @ kh.T / math.sqrt(D)).masked_fill(~mask, float("-inf"))
+        out[:, h] = scores.softmax(-1) @ vh
+    return out
+
+
+def random_qkv(T, Hq=4, Hkv=2, D=16, B=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, T, Hq, D, generator=g), torch.randn(B, T, Hkv, D, generator=g),
+            torch.randn(B, T, Hkv, D, generator=g))
+
+
+def cu_from_lengths(lengths, bucket=tg.CU_SEQLENS_BUCKET):
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    cu = np.concatenate([cu, np.full(-len(cu) % bucket, cu[-1])])
+    return torch.from_numpy(cu.astype(np.int32))
+
+
+def test_sdpa_segments_single_document_is_dense_causal():
+    q, k, v = random_qkv(37)
+    ref = dense_causal_reference(q[0], k[0], v[0])
+    y = tg.causal_attention(q, k, v, cu_from_lengths([37]), 37, "sdpa")
+    assert y.shape == q.shape
+    torch.testing.assert_close(y[0].double(), ref, atol=1e-5, rtol=1e-5)
+    # no cu_seqlens: every row of a dense batch is one causal sequence
+    q, k, v = random_qkv(23, B=2, seed=1)
+    y = tg.causal_attention(q, k, v, None, 0, "sdpa")
+    for b in range(2):
+        torch.testing.assert_close(y[b].double(), dense_causal_reference(q[b], k[b], v[b]), atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_segments_are_per_document_attention():
+    lengths = [1, 12, 30, 2, 19]  # padded to 64 boundaries with zero-length segments
+    q, k, v = random_qkv(sum(lengths), seed=2)
+    y = tg.causal_attention(q, k, v, cu_from_lengths(lengths), max(lengths), "sdpa")
+    start = 0
+    for n in lengths:
+        ref = dense_causal_reference(q[0, start:start + n], k[0, start:start + n], v[0, start:start + n])
+        torch.testing.assert_close(y[0, start:start + n].double(), ref, atol=1e-5, rtol=1e-5)
+        start += n
+    # a single document's first token sees only itself: its output is its own value vector
+    for s in np.cumsum([0] + lengths[:-1]):
+        for h in range(4):
+            torch.testing.assert_close(y[0, s, h], v[0, s, h // 2], atol=1e-6, rtol=1e-6)
+
+
+def _backend_params():
+    out = []
+    for backend in ("sdpa", "varlen", "fa3"):
+        try:
+            tg.pick_attention_backend(backend)
+            available = True
+        except ConfigError:
+            available = False
+        reason = f"ATTN_BACKEND={backend} is not available here"
+        out.append(pytest.param(backend, marks=pytest.mark.skipif(not available, reason=reason)))
+    return out
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_documents_are_isolated_in_a_packed_row(backend):
+    device = "cpu" if backend == "sdpa" else "cuda"
+    model = tiny_model(backend=backend, device=device, fp32=device == "cpu")  # CUDA: bf16 training dtypes
+    model.looping = True
+    # the row starts inside a document; one document (90 tokens) is longer than TRAIN_SEQ_LEN=64
+    lengths = [7, 25, 1, 90, 40, 3, 26]
+    tokens, starts = packed_row(lengths)
+    x = tokens[:-1]
+    cu = torch.from_numpy(tg.build_cu_seqlens(x.numpy(), 64)[0]).to(device)
+
+    def losses(tok):
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            return model(tok[:-1].to(device), tok[1:].to(device), cu, 64).float().cpu()
+
+    base = losses(tokens)
+    assert base.shape == x.shape and torch.isfinite(base).all()
+    tol = 1e-5 if device == "cpu" else 2e-2
+    for doc in (1, 4, 6):  # first BOS'd doc, a middle one, the last one
+        s, e = starts[doc], starts[doc] + lengths[doc]
+        changed = tokens.clone()
+        g = torch.Generator().manual_seed(100 + doc)
+        changed[s + 1:e] = torch.randint(2, VOCAB, (e - s - 1,), generator=g)  # keep its BOS
+        new = losses(changed)
+        inside = torch.zeros(len(x), dtype=torch.bool)
+        inside[s:e] = True
+        torch.testing.assert_close(new[~inside], base[~inside], atol=tol, rtol=0)
+        assert (new[inside] - base[inside]).abs().max() > 0.05
+    # and without cu_seqlens the same change reaches the later documents (the check can fail)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        dense = model(x[None].to(device), tokens[1:][None].to(device)).float().cpu()[0]
+        s, e = starts[1], starts[1] + lengths[1]
+        changed = tokens.clone()
+        changed[s + 1:e] = (changed[s + 1:e] + 1) % (VOCAB - 2) + 2
+        dense_new = model(changed[:-1][None].to(device), changed[1:][None].to(device)).float().cpu()[0]
+    assert (dense_new[e:] - dense[e:]).abs().max() > 1e-3
+
+
+def test_exclusive_self_attention_removes_own_value_direction():
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(2, 9, 4, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 9, 2, 16, generator=g, dtype=torch.float64)
+    out = tg.exclusive_self_attention(y, v)
+    assert out.shape == y.shape
+    for h in range(4):
+        v_hat = v[..., h // 2, :] / v[..., h // 2, :].norm(dim=-1, keepdim=True)
+        proj = (y[..., h, :] * v_hat).sum(-1, keepdim=True)
+        torch.testing.assert_close(out[..., h, :], y[..., h, :] - proj * v_hat, atol=1e-12, rtol=0)
+        assert (out[..., h, :] * v_hat).sum(-1).abs().max() < 1e-12  # orthogonal to its own KV head
+        other = v[..., 1 - h // 2, :]  # but not to the other KV head's value direction
+        assert (out[..., h, :] * other).sum(-1).abs().max() > 1e-3
+    # a head output already orthogonal to v is unchanged; one along v is removed entirely
+    torch.testing.assert_close(tg.exclusive_self_attention(out, v), out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(tg.exclusive_self_attention(v.repeat_interleave(2, dim=-2) * 3.0, v),
+                               torch.zeros_like(y), atol=1e-12, rtol=0)
+
+
+def test_rope_half_split_on_first_dims():
+    T, H, D, R, base = 50, 3, 16, 8, 10000.0
+    cos, sin = tg.rotary_tables(T, R, base, "cpu")
+    assert cos.shape == sin.shape == (T, R // 2)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, T, H, D, generator=g)
+    out = tg.apply_rope(x, cos, sin)
+    assert torch.equal(out[..., R:], x[..., R:])  # the remaining dims pass through
+    half = R // 2
+    for t in (0, 1, 17, 49):
+        for i in range(half):
+            theta = t * base ** (-2 * i / R)
+            x1, x2 = x[:, t, :, i].double(), x[:, t, :, i + half].double()
+            torch.testing.assert_close(out[:, t, :, i].double(), x1 * math.cos(theta) + x2 * math.sin(theta),
+                                       atol=2e-5, rtol=0)
+            torch.testing.assert_close(out[:, t, :, i + half].double(), -x1 * math.sin(theta) + x2 * math.cos(theta),
+                                       atol=2e-5, rtol=0)
+    torch.testing.assert_close(out[:, 0], x[:, 0])  # position 0 is not rotated
+    torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=1e-5)
+    pair_norms = lambda z: z[..., :half] ** 2 + z[..., half:R] ** 2  # noqa: E731
+    torch.testing.assert_close(pair_norms(out), pair_norms(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_scores_depend_only_on_offset():
+    T, D, R = 64, 16, 8
+    cos, sin = tg.rotary_tables(T, R, 10000.0, "cpu")
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(D, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
+    qr = tg.apply_rope(q.expand(1, T, 1, D), cos.double(), sin.double())[0, :, 0]
+    kr = tg.apply_rope(k.expand(1, T, 1, D), cos.double(), sin.double())[0, :, 0]
+    scores = qr @ kr.T  # [query position, key position]
+    for offset in (0, 1, 5, 30):
+        diag = torch.diagonal(scores, -offset)  # q at m, k at m - offset
+        torch.testing.assert_close(diag, diag[:1].expand_as(diag), atol=1e-4, rtol=1e-5)
+    assert abs(scores[5, 0] - scores[5, 4]) > 1e-3  # different offsets, different scores
+
+
+def test_attention_backend_choice_on_cpu():
+    if not torch.cuda.is_available():
+        assert tg.pick_attention_backend() == "sdpa"
+        for backend in ("varlen", "fa3"):
+            with pytest.raises(ConfigError, match=f"ATTN_BACKEND={backend}"):
+                tg.pick_attention_backend(backend)
+    assert tg.pick_attention_backend("sdpa") == "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks: sequential, two-lane parallel, U-Net skips
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_inputs(model, T=21, seed=6):
+    g = torch.Generator().manual_seed(seed)
+    D = model.qo_bank.size(-1)
+    lane0, lane1, x0 = (torch.randn(1, T, D, generator=g) for _ in range(3))
+    rope = tg.rotary_tables(T, model.rope_dims, model.rope_base, "cpu")
+    return lane0, lane1, x0, (rope, None, 0, None, 0)
+
+
+def test_sequential_block_formula():
+    model = tiny_model()
+    x, _, x0, args = _block_inputs(model)
+    l = 1
+    s, mix = 1 / math.sqrt(l + 1), model.resid_mix[l]
+    x_in = mix[0] * x + mix[1] * x0
+    x_mid = x_in + model.attn_scale[l] * model.attn(l, F.rms_norm(x_in, (64,)) * s, *args)
+    expected = x_mid + model.mlp_scale[l] * model.mlp(l, F.rms_norm(x_mid, (64,)) * s, None, 0)
+    torch.testing.assert_close(model.sequential_block(l, x, x0, args), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_parallel_block_formula():
+    """Spec §4.2 step 5: a from RMSNorm(mix0 lane0 + mix1 x0), m from RMSNorm(lane1) (no x0), both
+    from the old lanes; lane_j <- r_j lane_j + P[0, j] a + P[1, j] m."""
+    model = tiny_model()
+    lane0, lane1, x0, args = _block_inputs(model)
+    l = 3
+    s, mix = 1 / math.sqrt(l + 1), model.resid_mix[l]
+    a = model.attn_scale[l] * model.attn(l, F.rms_norm(mix[0] * lane0 + mix[1] * x0, (64,)) * s, *args)
+    m = model.mlp_scale[l] * model.mlp(l, F.rms_norm(lane1, (64,)) * s, None, 0)
+    P, r = model.parallel_post_lambdas[l], model.parallel_resid_lambdas[l]
+    assert len({round(float(p), 4) for p in P.detach().flatten()}) == 4  # distinct, so a transposed P is caught
+    out0, out1 = model.parallel_block(l, lane0, lane1, x0, args)
+    torch.testing.assert_close(out0, r[0] * lane0 + P[0, 0] * a + P[1, 0] * m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out1, r[1] * lane1 + P[0, 1] * a + P[1, 1] * m, atol=1e-5, rtol=1e-5)
+
+    # identity-like lambdas (P = I, r = 1): lane0 + attention of lane0, lane1 + MLP of lane1
+    with torch.no_grad():
+        model.parallel_post_lambdas[l] = torch.eye(2)
+        model.parallel_resid_lambdas[l] = 1.0
+    out0, out1 = model.parallel_block(l, lane0, lane1, x0, args)
+    torch.testing.assert_close(out0, lane0 + a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out1, lane1 + m, atol=1e-5, rtol=1e-5)
+    other0, other1 = model.parallel_block(l, lane0, lane1 + 1.0, x0, args)  # lane1 feeds only the MLP
+    torch.testing.assert_close(other0, out0, atol=0, rtol=0)
+    assert not torch.allclose(other1, out1)
+
+
+@pytest.mark.parametrize("final_lane", ["mean", "attn", "mlp"])
+def test_parallel_lanes_start_from_x_and_merge_at_the_end(final_lane):
+    model = tiny_model(PARALLEL_FINAL_LANE=final_lane)
+    assert model.parallel_final_lane == final_lane
+    seq_out, par = [], []
+    seq_block, par_block = model.sequential_block, model.parallel_block
+    model.sequential_block = lambda *a: seq_out.append(seq_block(*a)) or seq_out[-1]
+    model.parallel_block = lambda l, l0, l1, *a: par.append(((l0, l1), par_block(l, l0, l1, *a))) or par[-1][1]
+    with torch.no_grad():
+        hidden = model.hidden(torch.randint(2, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7)))
+    # looping off: encoder [0, 1], decoder [2, 3]; layer 3 is the only parallel one
+    assert len(seq_out) == 3 and len(par) == 1
+    (in0, in1), (lane0, lane1) = par[0]
+    # the lanes start as x; the last skip (encoder layer 0's output) is merged into lane0 only
+    torch.testing.assert_close(in1, seq_out[2], atol=0, rtol=0)
+    torch.testing.assert_close(in0, model.merge_skip(1, seq_out[2], seq_out[0]), atol=0, rtol=0)
+    assert (lane0 - lane1).abs().max() > 0.1
+    merged = {"mean": 0.5 * (lane0 + lane1), "attn": lane0, "mlp": lane1}[final_lane]
+    torch.testing.assert_close(hidden, F.rms_norm(merged, (64,)), atol=1e-5, rtol=1e-5)
+
+
+def test_no_parallel_lanes_when_disabled():
+    model = tiny_model(PARALLEL_START_LAYER=0)
+    model.parallel_block = None  # would fail if called
+    with torch.no_grad():
+        assert torch.isfinite(model.hidden(torch.randint(2, VOCAB, (1, 8)))).all()
+
+
+def test_skip_merge_is_a_gated_lerp():
+    model = tiny_model(randomize=False)
+    g = torch.Generator().manual_seed(8)
+    x, skip = torch.randn(2, 5, 64, generator=g), torch.randn(2, 5, 64, generator=g)
+    for j in range(model.skip_weights.size(0)):  # at init: 0.5 x + 0.5 skip
+        torch.testing.assert_close(model.merge_skip(j, x, skip), 0.5 * x + 0.5 * skip, atol=1e-6, rtol=0)
+    model = tiny_model()
+    w, gate = model.skip_weights[2], torch.sigmoid(model.skip_gates[2])
+    torch.testing.assert_close(model.merge_skip(2, x, skip), w * skip + gate * (x - w * skip), atol=1e-5, rtol=1e-5)
+    model = tiny_model(SKIP_GATES_ENABLED=0)
+    torch.testing.assert_close(model.merge_skip(2, x, skip), x + model.skip_weights[2] * skip, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_forward_backward_is_finite(looping):
+    model = tiny_model(randomize=False, fp32=False)  # GPU training dtypes: bf16 embedding and activations
+    model.looping = looping
+    tokens, _ = packed_row([30, 50, 48])
+    cu, _ = tg.build_cu_seqlens(tokens[:-1].numpy(), 64)
+    loss = model(tokens[:-1], tokens[1:], torch.from_numpy(cu), 64)
+    assert loss.dtype == torch.float32 and loss.shape == (128,)
+    # tiny embedding at init: near-uniform predictions
+    assert abs(loss.mean().item() - math.log(VOCAB)) < 0.05
+    loss.mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad.float()).all(), name
+    # with non-zero output matrices every bank receives gradient
+    model = tiny_model(fp32=False)
+    model.looping = looping
+    model(tokens[:-1], tokens[1:], torch.from_numpy(cu), 64).mean().backward()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad.float()).all(), name
+        if name.endswith("_bank"):
+            assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp32_model_trains_on_cuda():
+    """An fp32 model (model.float(), e.g. for exact checks) in training mode on CUDA: its MLP must run,
+    through the fused kernel only where that supports the dtype, else eagerly."""
+    model = tiny_model(device="cuda")
+    tokens, _ = packed_row([30, 50, 48])
+    cu = torch.from_numpy(tg.build_cu_seqlens(tokens[:-1].numpy(), 64)[0]).cuda()
+    loss = model(tokens[:-1].cuda(), tokens[1:].cuda(), cu, 64)
+    loss.mean().backward()
+    assert torch.isfinite(loss).all() and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_batched_and_packed_forward_agree():
+    """A dense batch [B, T] scores each row as one document; the same rows packed into one row with
+    cu_seqlens (one segment each) give the same per-token losses, RoPE positions aside: positions run
+    through the packed row, and only relative offsets matter for attention."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(9)
+    rows = torch.randint(2, VOCAB, (3, 33), generator=g)
+    dense = model(rows[:, :-1], rows[:, 1:])
+    cu = cu_from_lengths([32, 32, 32])
+    packed = model(rows[:, :-1].reshape(-1), rows[:, 1:].reshape(-1), cu, 32)
+    torch.testing.assert_close(packed.view(3, 32), dense, atol=2e-4, rtol=1e-4)
+
+
+def test_unbank_rebank_round_trip():
+    model = tiny_model()
+    L, D, kv, hidden = 4, 64, 32, 128
+    state = model.state_dict()
+    flat = tg.unbank_state(state, L)
+    assert not any(k.endswith("_bank") for k in flat)
+    for i in range(L):
+        for name, bank, index, shape in (("attn.c_q", "qo_bank", i, (D, D)), ("attn.proj", "qo_bank", L + i, (D, D)),
+                                         ("attn.c_k", "kv_bank", i, (kv, D)), ("attn.c_v", "kv_bank", L + i, (kv, D)),
+                                         ("mlp.fc", "mlp_up_bank", i, (hidden, D)),
+                                         ("mlp.proj", "mlp_down_bank", i, (D, hidden))):
+            w = flat[f"blocks.{i}.{name}.weight"]
+            assert w.shape == shape and torch.equal(w, state[bank][index]), (i, name)
+    assert len(flat) == len(state) - 4 + 6 * L
+    for k in state:
+        if not k.endswith("_bank"):
+            assert flat[k] is state[k]
+    back = tg.rebank_state(flat, L)
+    assert set(back) == set(state)
+    for k in state:
+        assert back[k].dtype == state[k].dtype and torch.equal(back[k], state[k]), k
+    fresh = tiny_model(seed=1)
+    fresh.load_state_dict(back)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration checks of the architecture
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env, names", [
+    ({"PARALLEL_START_LAYER": 2}, ["PARALLEL_START_LAYER=2", "LOOP_END=2"]),  # inside the loop 1..2
+    ({"PARALLEL_START_LAYER": 1}, ["PARALLEL_START_LAYER=1"]),
+    ({"PARALLEL_FINAL_LANE": "both"}, ["PARALLEL_FINAL_LANE='both'"]),
+    ({"ATTN_BACKEND": "flash"}, ["ATTN_BACKEND='flash'"]),
+    ({"LOOP_START": 3, "LOOP_END": 2, "PARALLEL_START_LAYER": 0}, ["LOOP_START=3"]),
+    ({"LOOP_END": 4}, ["LOOP_END=4"]),
+    ({"NUM_HEADS": 5}, ["NUM_HEADS=5"]),
+    ({"NUM_KV_HEADS": 3}, ["NUM_KV_HEADS=3"]),
+    ({"ROPE_DIMS": 32}, ["ROPE_DIMS=32"]),
+    ({"ROPE_DIMS": 5}, ["ROPE_DIMS=5"]),
+    ({"NUM_LAYERS": "4.5"}, ["NUM_LAYERS='4.5'"]),
+    ({"MLP_MULT": "wide"}, ["MLP_MULT='wide'"]),
+    ({"TTT_OPTIMIZER": "lion"}, ["TTT_OPTIMIZER='lion'"]),
+    ({"COMPRESSOR": "zstd"}, ["COMPRESSOR='zstd'"]),
+    ({"VAL_DOC_FRACTION": 0}, ["VAL_DOC_FRACTION=0"]),
+    ({"RANK": 0, "WORLD_SIZE": 4, "GPTQ_CALIBRATION_BATCHES": 3, "TRAIN_BATCH_TOKENS": 2048, "VAL_BATCH_TOKENS": 1024},
+     ["GPTQ_CALIBRATION_BATCHES=3"]),
+])
+def test_config_errors_name_the_variable(env, names):
+    with pytest.raises(ConfigError) as e:
+        tiny_hparams(**env)
+    message = str(e.value)
+    assert "\n" not in message
+    for name in names:
+        assert name in message
+
+
+@pytest.mark.parametrize("env", [{"PARALLEL_START_LAYER": 0}, {"PARALLEL_START_LAYER": 3}, {"LOOP_START": 0, "LOOP_END": 0},
+                                 {"ROPE_DIMS": 16}, {"PARALLEL_FINAL_LANE": "mlp"}, {"ATTN_BACKEND": "sdpa"}])
+def test_config_edge_values_pass(env):
+    h = tiny_hparams(**env)
+    tg.GPT(h)  # and the model builds
