@@ -180,3 +180,21 @@ def test_one_failing_rank_does_not_hang_the_others(tiny_dataset, tmp_path):
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr + proc.stdout
     assert time.time() - t0 < 200
+
+
+def test_an_existing_artifact_over_the_limit_is_not_used(trained_run, tiny_dataset, tmp_path, monkeypatch, capsys):
+    """EVAL_ONLY_PATH=final_model.pt with an artifact beside it that no longer fits: quantize
+    again (here: and refuse); EVAL_ONLY_PATH=that .ptz: refuse at once."""
+    limit = "20000"
+    code = run_main(monkeypatch, dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path / "a"),
+                                      EVAL_ONLY_PATH=os.path.join(trained_run, "final_model.pt"),
+                                      ARTIFACT_LIMIT_BYTES=limit))
+    assert code == 3
+    assert "quantizing again" in capsys.readouterr().out
+    assert (tmp_path / "a" / "final_model.int6.ptz").is_file()  # the new one goes to ARTIFACT_DIR
+    code = run_main(monkeypatch, dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path / "b"),
+                                      EVAL_ONLY_PATH=os.path.join(trained_run, "final_model.int6.ptz"),
+                                      ARTIFACT_LIMIT_BYTES=limit))
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "over ARTIFACT_LIMIT_BYTES=20,000" in err

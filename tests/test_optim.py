@@ -462,23 +462,28 @@ def test_ema_of_constant_weights_is_that_constant_from_the_first_step():
         torch.testing.assert_close(p.detach(), want[name], atol=0, rtol=2e-5)
 
 
-def test_ema_matches_the_bias_corrected_formula():
+def test_ema_matches_the_warmed_up_bias_corrected_formula():
+    """With d_t = min(decay, (1+t)/(10+t)): shadow_t = sum_i (1-d_i) prod_{j>i} d_j w_i, divided by
+    1 - prod_i d_i."""
     decay = 0.8
     model = nn.Linear(4, 2, bias=False)
     ema = tg.EMA(model, decay)
     g = torch.Generator().manual_seed(3)
     history = []
-    for t in range(1, 8):
+    for t in range(1, 40):
         with torch.no_grad():
             model.weight.copy_(torch.randn(2, 4, generator=g))
         history.append(model.weight.detach().double().clone())
         ema.update(model)
-        want = sum((1 - decay) * decay ** (t - i) * w for i, w in enumerate(history, start=1)) / (1 - decay ** t)
+        d = [min(decay, (1 + i) / (10 + i)) for i in range(1, t + 1)]
+        shadow = sum((1 - d[i]) * math.prod(d[i + 1:]) * w for i, w in enumerate(history))
+        want = shadow / (1 - math.prod(d))
         torch.testing.assert_close(ema.averaged()["weight"].double(), want, atol=1e-6, rtol=1e-6)
+    assert ema.decay_at(39) == decay  # warmed up: (1+39)/(10+39) > 0.8
     state = ema.state_dict()
     other = tg.EMA(model, decay)
     other.load_state_dict(state)
-    assert other.steps == 7 and torch.equal(other.averaged()["weight"], ema.averaged()["weight"])
+    assert other.steps == 39 and torch.equal(other.averaged()["weight"], ema.averaged()["weight"])
 
 
 def test_ema_without_updates_leaves_the_weights_alone():

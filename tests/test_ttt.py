@@ -1,0 +1,420 @@
+"""Per-document score-first LoRA test-time training (train_gpt.py TTT section; spec §8.3).
+
+Documents, batches and chunk windows are checked against the spec's definitions; the TTT numbers
+against references computed here, on a tiny fp32 model with random weights (tests/evalkit.py).
+To see what TTT scores, a recording model_fn keeps each chunk forward's per-token losses, and
+per_target_losses() maps them back to (document, target position) with the spec's window rule;
+that map is checked to add up to exactly what ttt_batch returns. CPU only; the 2-rank tests
+start two gloo processes. Run: python3 -m pytest -q tests/test_ttt.py
+"""
+import copy
+import math
+import random
+
+import pytest
+import torch
+
+import train_gpt as tg
+from tests.evalkit import (CPU, SumsSpy, doc_stream, docs_of_lengths, hparams, make_model,
+                           run_two_ranks, stream_bytes)
+from tests.evalkit import one_thread, setup  # noqa: F401  (fixtures shared with test_eval.py)
+
+CHUNK, WINDOW = 8, 32  # TTT_CHUNK_SIZE, TTT_EVAL_SEQ_LEN of SMALL_ENV
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents and batches
+# ---------------------------------------------------------------------------------------------
+
+
+def random_stream(rng: random.Random, n: int, p_bos: float, first_bos: bool) -> torch.Tensor:
+    tokens = [tg.BOS_ID if rng.random() < p_bos else rng.randrange(2, 500) for _ in range(n)]
+    if n:
+        tokens[0] = tg.BOS_ID if first_bos else 7
+    return torch.tensor(tokens)
+
+
+@pytest.mark.parametrize("n, p_bos, first_bos", [
+    (500, 0.05, True), (500, 0.05, False), (300, 0.5, True),  # many consecutive BOS (empty documents)
+    (40, 0.0, True), (40, 0.0, False), (2, 0.0, True), (1, 0.0, True),
+])
+def test_split_documents_covers_every_target_once(n, p_bos, first_bos):
+    rng = random.Random(n + int(100 * p_bos) + first_bos)
+    for trial in range(5):
+        tokens = random_stream(rng, n, p_bos, first_bos)
+        if trial == 1 and n > 2:
+            tokens[-1] = tg.BOS_ID  # a stream that ends on a BOS
+        docs = tg.split_documents(tokens)
+        assert sum(length - 1 for _, length in docs) == max(n - 1, 0)
+        position = 0
+        for k, (start, length) in enumerate(docs):
+            assert start == position and length >= 2  # contiguous: each starts at the previous one's last token
+            doc = tokens[start:start + length].tolist()
+            assert doc[0] == tg.BOS_ID or (start == 0 and not first_bos)
+            assert tg.BOS_ID not in doc[1:-1]
+            if k < len(docs) - 1:
+                assert doc[-1] == tg.BOS_ID  # the last target is the next document's BOS
+            position = start + length - 1
+        assert position == max(n - 1, 0)
+
+
+@pytest.mark.parametrize("n, fraction, seed", [(37, 0.3, 5), (10, 0.5, 0), (200, 0.07, 1337), (1, 0.9, 2)])
+def test_select_documents_is_the_records_seeded_sample(n, fraction, seed):
+    docs = [(10 * i, i + 2) for i in range(n)]
+    expected = [docs[i] for i in sorted(random.Random(seed).sample(range(n), round(n * fraction)))]
+    assert tg.select_documents(docs, fraction, seed) == expected
+    assert tg.select_documents(docs, 1.0, seed) == docs
+
+
+@pytest.mark.parametrize("n_docs, batch_size", [(23, 5), (20, 5), (3, 8), (1, 1)])
+def test_ttt_batches_order(n_docs, batch_size):
+    rng = random.Random(n_docs)
+    docs = [(i * 1000, rng.choice([2, 3, 9, 40, 41, 300]) + rng.randrange(3)) for i in range(n_docs)]
+    batches = tg.ttt_batches(docs, batch_size)
+    assert sorted(d for b in batches for d in b) == sorted(docs)
+    # groups of batch_size documents of the length-sorted list (the longest group the short one)
+    ordered = sorted(length for _, length in docs)
+    groups = sorted(ordered[i:i + batch_size] for i in range(0, n_docs, batch_size))
+    assert sorted(sorted(length for _, length in b) for b in batches) == groups
+    for b in batches:  # each batch longest first
+        assert [length for _, length in b] == sorted((length for _, length in b), reverse=True)
+    maxima = [b[0][1] for b in batches]  # longest batches first
+    assert maxima == sorted(maxima, reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk windows
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [32, 20, 8])
+def test_ttt_chunk_inputs_windows_and_coverage(window):
+    rng = random.Random(window)
+    lengths = sorted((rng.randrange(2, 120) for _ in range(9)), reverse=True) + [2]
+    tokens = torch.tensor([rng.randrange(2, 500) for _ in range(sum(lengths) + 1)])  # no 0: padding shows
+    starts, s = [], 0
+    for n in lengths:
+        starts.append(s)
+        tokens[s] = tg.BOS_ID
+        s += n - 1  # the next document starts on this one's last token
+    pred_lens = [n - 1 for n in lengths]
+    covered = [torch.zeros(p, dtype=torch.int64) for p in pred_lens]
+    for ci in range(-(-pred_lens[0] // CHUNK)):
+        n = sum(p > ci * CHUNK for p in pred_lens)  # the documents that have chunk ci (a prefix)
+        x, y, scored = tg.ttt_chunk_inputs(tokens, torch.tensor(starts[:n]), torch.tensor(pred_lens[:n]),
+                                           ci, CHUNK, window)
+        assert x.shape == y.shape == scored.shape == (n, min((ci + 1) * CHUNK, window))
+        for i in range(n):
+            end = min(pred_lens[i], (ci + 1) * CHUNK)  # the chunk's end: its last target is doc token `end`
+            width = int((x[i] != 0).sum())
+            assert width == min(end, window)  # the last <= window tokens, ending at the chunk end
+            doc = tokens[starts[i]:starts[i] + pred_lens[i] + 1]
+            assert torch.equal(x[i, :width], doc[end - width:end])
+            assert torch.equal(y[i, :width], doc[end - width + 1:end + 1])
+            assert not x[i, width:].any() and not y[i, width:].any()
+            scored_at = torch.nonzero(scored[i]).flatten() + end - width  # target positions in the doc
+            assert torch.equal(scored_at, torch.arange(ci * CHUNK, end))
+            covered[i][scored_at] += 1
+    for c in covered:
+        assert torch.equal(c, torch.ones_like(c))
+
+
+def test_ttt_window_shorter_than_a_chunk_is_a_config_error(make_hparams):
+    """With TTT_EVAL_SEQ_LEN < TTT_CHUNK_SIZE a chunk's first targets fall outside its window and
+    are never scored (the bpb silently covers fewer tokens)."""
+    with pytest.raises(tg.ConfigError, match="TTT_EVAL_SEQ_LEN"):
+        hparams(make_hparams, TTT_EVAL_SEQ_LEN=4, TTT_CHUNK_SIZE=8)
+    assert hparams(make_hparams, TTT_EVAL_SEQ_LEN=8, TTT_CHUNK_SIZE=8).ttt_eval_seq_len == 8  # equal is fine
+
+
+# ---------------------------------------------------------------------------------------------
+# What TTT scores
+# ---------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """model_fn that keeps every forward's per-token losses [docs, context]."""
+
+    def __init__(self, model):
+        self.model, self.losses = model, []
+
+    def __call__(self, x, y, cu_seqlens, max_seqlen, lora=None):
+        loss = self.model(x, y, cu_seqlens, max_seqlen, lora)
+        self.losses.append(loss.detach().double().clone())
+        return loss
+
+
+def per_target_losses(losses, batch, chunk=CHUNK, window=WINDOW) -> list[torch.Tensor]:
+    """Forward ci (TTT_GRAD_STEPS=1: one per chunk) has a row for each document that still has
+    chunk ci, longest first; row i column c is target position win_start + c of its document, where
+    the window is the last <= window targets ending at the chunk end. Returns, per document, the
+    loss of each target position from the forward of its chunk."""
+    pred = [n - 1 for _, n in batch]
+    out = [torch.full((p,), math.nan, dtype=torch.float64) for p in pred]
+    assert len(losses) == -(-pred[0] // chunk)
+    for ci, loss in enumerate(losses):
+        assert loss.shape[0] == sum(p > ci * chunk for p in pred)
+        for i in range(loss.shape[0]):
+            end = min(pred[i], (ci + 1) * chunk)
+            win_start = max(0, end - window)
+            out[i][ci * chunk:end] = loss[i, ci * chunk - win_start:end - win_start]
+    assert all(not o.isnan().any() for o in out)
+    return out
+
+
+def run_ttt_batch(model, tokens, batch, h, luts):
+    """ttt_batch on the frozen model; returns ((nats, bytes, count), per-doc losses). The global RNG
+    is not reset: the LoRA A init comes from h.seed alone."""
+    rec = Recorder(model)
+    with tg.frozen(model):
+        sums = tg.ttt_batch(rec, model, tokens, batch, h, luts)
+    per_doc = per_target_losses(rec.losses, batch, h.ttt_chunk_size, h.ttt_eval_seq_len)
+    assert sums[0] == pytest.approx(sum(float(d.sum()) for d in per_doc), rel=1e-12)  # the map is what is scored
+    assert sums[2] == sum(len(d) for d in per_doc)
+    return sums, per_doc
+
+
+def hparams_like(h, **changes):
+    """A copy of Hyperparameters h with some attributes changed."""
+    out = copy.copy(h)
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
+
+
+def changed_token(t: int, vocab: int) -> int:
+    return 2 + (t - 2 + 37) % (vocab - 2)  # another ordinary token (never BOS or 0)
+
+
+def test_no_target_is_scored_after_training_on_itself_or_later_tokens(setup):
+    """Score-first, checked by its consequence: the loss at target position p (predicting token
+    p+1 from tokens <= p) cannot change when any token after p+1 changes, although those tokens do
+    train the adapters. One document of 5 chunks + 6 targets, so the 32-token window also slides.
+
+    Method: Recorder keeps every chunk forward's per-token losses and per_target_losses() maps
+    them to target positions (checked to sum to what ttt_batch scored). Token j (j >= 1) is changed
+    alone, and positions p <= j - 2 must keep their loss; j runs over chunk starts, middles and
+    ends. A leak can only show at positions of the changed target's own chunk or later, so the
+    j - 1 in the middle of a chunk (2, 10, 24, 31, 39, ...) are the sharp cases: a variant of
+    ttt_batch that trains on a chunk before scoring it (TTT_GRAD_STEPS=2, scored at the last step)
+    fails exactly there."""
+    h, model, luts, val = setup
+    tokens = docs_of_lengths(val, (46,))
+    batch = [(0, 47)]  # its last target is the final BOS
+    _, (base,) = run_ttt_batch(model, tokens, batch, h, luts)
+    _, (frozen,) = run_ttt_batch(model, tokens, batch, hparams_like(h, ttt_lora_lr=0.0), luts)
+    assert (base[CHUNK:] - frozen[CHUNK:]).abs().max() > 1e-2  # adaptation matters at this lr
+    assert torch.equal(base[:CHUNK], frozen[:CHUNK])  # the first chunk is scored before any step
+    for j in (1, 2, 7, 8, 9, 10, 16, 17, 24, 31, 32, 33, 39, 40, 41, 45, 46):
+        changed = tokens.clone()
+        changed[j] = changed_token(int(tokens[j]), h.vocab_size)
+        _, (after,) = run_ttt_batch(model, changed, batch, h, luts)
+        assert torch.allclose(after[:j - 1], base[:j - 1], rtol=0, atol=1e-6), (
+            f"changing token {j} changed the loss at positions "
+            f"{torch.nonzero((after[:j - 1] - base[:j - 1]).abs() > 1e-6).flatten().tolist()}")
+        assert after[j - 1] != base[j - 1]  # the target at j - 1 is the changed token itself
+
+
+def test_documents_of_a_batch_do_not_influence_each_other(setup):
+    h, model, luts, val = setup
+    tokens = docs_of_lengths(val, (46, 20, 9))
+    batch = tg.split_documents(tokens)
+    assert [n for _, n in batch] == [47, 21, 10]
+    _, base = run_ttt_batch(model, tokens, batch, h, luts)
+    for victim in range(3):
+        start, n = batch[victim]
+        changed = tokens.clone()
+        for j in range(start + 1, start + n - 1):  # every token of that document but its BOS and the next BOS
+            changed[j] = changed_token(int(tokens[j]), h.vocab_size)
+        _, after = run_ttt_batch(model, changed, batch, h, luts)
+        for other in range(3):
+            if other != victim:
+                assert torch.allclose(after[other], base[other], rtol=0, atol=1e-6), (victim, other)
+        assert not torch.allclose(after[victim], base[victim])
+
+
+def plain_reference(model, stream, docs, chunk=CHUNK, window=WINDOW) -> float:
+    """Σ nats of every document scored on its own by the plain model: chunk ci's targets from one
+    forward over the last <= window tokens ending at the chunk end. A document of at most window
+    targets is a single forward over the whole document."""
+    total = 0.0
+    with torch.no_grad():
+        for start, n in docs:
+            doc = stream[start:start + n]
+            if n - 1 <= window:
+                total += float(model(doc[:-1], doc[1:]).double().sum())
+                continue
+            for ci in range(-(-(n - 1) // chunk)):
+                end = min(n - 1, (ci + 1) * chunk)
+                ws = max(0, end - window)
+                total += float(model(doc[ws:end], doc[ws + 1:end + 1]).double()[ci * chunk - ws:].sum())
+    return total
+
+
+def run_eval_ttt(model, stream, h, luts, spy):
+    lines, before = [], {k: v.clone() for k, v in model.state_dict().items()}
+    loss, bpb = tg.eval_val_ttt(model, model, stream, h, luts, CPU, lines.append)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())  # given back trainable, no grads
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # only the adapters trained
+    return loss, bpb, spy.last, lines
+
+
+def test_zero_lr_equals_each_document_scored_alone_by_the_plain_model(setup, monkeypatch):
+    h, model, luts, val = setup
+    h0 = hparams_like(h, ttt_lora_lr=0.0)
+    stream = doc_stream(val, 5 * 64 + 1)  # documents of 150 (longer than the window), 40, 70, ... tokens
+    docs = tg.split_documents(stream)
+    assert max(n for _, n in docs) > WINDOW + 1 and min(n for _, n in docs) <= 3
+    spy = SumsSpy(monkeypatch)
+    loss, bpb, (nats, nbytes, count), _ = run_eval_ttt(model, stream, h0, luts, spy)
+    assert count == len(stream) - 1 and nbytes == stream_bytes(stream, luts)
+    ref = plain_reference(model, stream, docs)
+    assert nats == pytest.approx(ref, rel=1e-6)
+    assert loss == pytest.approx(ref / count, rel=1e-6) and bpb == tg.bits_per_byte(nats, nbytes)
+
+
+def test_ttt_counts_the_same_targets_and_bytes_as_standard_eval(setup, monkeypatch):
+    h, model, luts, val = setup
+    stream = doc_stream(val, 5 * 64 + 1, skip=2)
+    spy = SumsSpy(monkeypatch)
+    tg.eval_val(model, stream, h, luts, CPU)
+    standard = spy.last
+    ttt = run_eval_ttt(model, stream, h, luts, spy)[2]
+    assert ttt[1:] == standard[1:] == [stream_bytes(stream, luts), len(stream) - 1]
+    assert ttt[0] != pytest.approx(standard[0], rel=1e-3)  # sanity: TTT scored differently
+
+
+def test_sgd_runs_and_adapts(setup):
+    h, model, luts, val = setup
+    tokens = docs_of_lengths(val, (46, 20, 9))
+    batch = tg.split_documents(tokens)
+    adam0, _ = run_ttt_batch(model, tokens, batch, hparams_like(h, ttt_lora_lr=0.0), luts)
+    sgd0, _ = run_ttt_batch(model, tokens, batch, hparams_like(h, ttt_lora_lr=0.0, ttt_optimizer="sgd"), luts)
+    sgd, _ = run_ttt_batch(model, tokens, batch, hparams_like(h, ttt_optimizer="sgd"), luts)
+    assert sgd0 == adam0  # lr 0: the adapters stay the identity change (B = 0) whatever the optimizer
+    assert math.isfinite(sgd[0]) and sgd[1:] == adam0[1:]
+    assert abs(sgd[0] - adam0[0]) > 1e-3
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_ttt_freezes_the_base_weights_and_gives_them_back(setup, fail):
+    """eval_val_ttt and warm_up_ttt run with every base weight frozen (only the adapters get
+    gradients) and give the weights back trainable, also when a forward raises."""
+    h, model, luts, val = setup
+    seen = []
+
+    def model_fn(*args):
+        seen.append([p.requires_grad for p in model.parameters()])
+        if fail:
+            raise Boom
+        return model(*args)
+
+    stream = doc_stream(val, 60, skip=3)
+    for run in (lambda: tg.warm_up_ttt(model_fn, model, h, luts, CPU),
+                lambda: tg.eval_val_ttt(model_fn, model, stream, h, luts, CPU, lambda line: None)):
+        seen.clear()
+        if fail:
+            with pytest.raises(Boom):
+                run()
+        else:
+            run()
+        assert seen and not any(any(flags) for flags in seen)
+        assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Independence of batching and of the number of ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lora_init_is_seeded_and_the_same_for_every_document():
+    """BatchedLoRA draws A once from a generator seeded with `seed` (ttt_batch passes SEED) and
+    gives every document that draw; B is zero, so every adapter starts as the identity change."""
+    shapes = {"q": (3, 16, 16), "v": (3, 16, 8), "head": (1, 16, 40)}
+    a, b = tg.BatchedLoRA(shapes, 4, 2, CPU, seed=7), tg.BatchedLoRA(shapes, 1, 2, CPU, seed=7)
+    torch.manual_seed(123)  # the global RNG plays no part
+    c, d = tg.BatchedLoRA(shapes, 4, 2, CPU, seed=7), tg.BatchedLoRA(shapes, 4, 2, CPU, seed=8)
+    for name, (slots, d_in, d_out) in shapes.items():
+        A = a.A[name]
+        assert A.shape == (slots, 4, 2, d_in) and torch.equal(a.B[name], torch.zeros(slots, 4, d_out, 2))
+        assert torch.equal(A, b.A[name].expand_as(A)) and torch.equal(A, c.A[name])
+        assert A.abs().max() <= 1 / math.sqrt(d_in) and A.std() > 0.2 / math.sqrt(d_in)
+        assert not torch.equal(A, d.A[name])
+
+
+def test_ttt_batch_does_not_depend_on_the_global_rng(setup):
+    h, model, luts, val = setup
+    tokens = docs_of_lengths(val, (46, 20))
+    batch = tg.split_documents(tokens)
+    torch.manual_seed(0)
+    first = run_ttt_batch(model, tokens, batch, h, luts)
+    torch.manual_seed(1)
+    torch.rand(1000)
+    second = run_ttt_batch(model, tokens, batch, h, luts)
+    assert first[0] == second[0] and all(torch.equal(x, y) for x, y in zip(first[1], second[1]))
+    reseeded = run_ttt_batch(model, tokens, batch, hparams_like(h, seed=h.seed + 1), luts)
+    assert reseeded[0][0] != first[0][0]  # SEED does pick the init
+
+
+def each_alone(model, tokens, batch, h, luts):
+    return [run_ttt_batch(model, tokens, [doc], h, luts)[1][0] for doc in batch]
+
+
+BATCH_LENGTHS = (100, 47, 20, 9, 2)  # very different lengths: the batch shrinks 4 times
+
+
+def test_ttt_batch_equals_each_document_alone(setup):
+    """§8.3 / the TTT section's comment: nothing is shared between documents, so the result does
+    not depend on batching: every document starts from the same seeded adapters, and the batch's
+    shrinking (slicing adapters and optimizer state as documents finish) is exact, so batch and
+    alone agree to fp32 rounding."""
+    h, model, luts, val = setup
+    tokens = docs_of_lengths(val, BATCH_LENGTHS)
+    batch = tg.split_documents(tokens)
+    sums, together = run_ttt_batch(model, tokens, batch, h, luts)
+    alone = each_alone(model, tokens, batch, h, luts)
+    for i, (a, b) in enumerate(zip(together, alone)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (
+            f"document {i} ({len(a)} targets): max difference {float((a - b).abs().max()):.3g} between in-batch and alone")
+    assert sums[0] == pytest.approx(sum(float(b.sum()) for b in alone), rel=1e-6)
+
+
+def _ttt_on_rank(h, state, stream, luts):
+    """On each rank: TTT as the script runs it."""
+    model = make_model(h)
+    model.load_state_dict(state)
+    return run_eval_ttt(model, stream, h, luts, SumsSpy())
+
+
+@pytest.fixture(scope="module")
+def ttt_ranks(setup):
+    h, model, luts, val = setup
+    h = hparams_like(h, ttt_batch_size=2)
+    stream = doc_stream(val, 300, skip=5)  # 9 documents: 5 batches for the 2 ranks to share
+    with pytest.MonkeyPatch.context() as mp:
+        one = run_eval_ttt(model, stream, h, luts, SumsSpy(mp))
+    two = run_two_ranks(_ttt_on_rank, h, model.state_dict(), stream, luts)
+    return stream, luts, len(tg.ttt_batches(tg.split_documents(stream), 2)), one, two
+
+
+def claimed(lines) -> list[int]:
+    return [int(line.split("batch:")[1].split("/")[0]) for line in lines if line.startswith("ttt_progress")]
+
+
+def test_two_ranks_share_the_batches_and_count_every_target(ttt_ranks):
+    stream, luts, n_batches, one, (rank0, rank1) = ttt_ranks
+    mine0, mine1 = claimed(rank0[3]), claimed(rank1[3])
+    assert sorted(mine0 + mine1) == list(range(1, n_batches + 1))  # each batch by exactly one rank
+    assert rank0[:3] == rank1[:3]  # all-reduced
+    assert rank0[2][1:] == one[2][1:] == [stream_bytes(stream, luts), len(stream) - 1]
+
+
+def test_two_ranks_equal_one_rank(ttt_ranks):
+    """The TTT section's promise: the result does not depend on the number of ranks (each batch's
+    adapters start from the seeded init whichever rank claims it)."""
+    *_, one, (rank0, _) = ttt_ranks
+    assert rank0[:2] == pytest.approx(one[:2], rel=1e-6)
