@@ -2048,8 +2048,10 @@ def ttt_chunk_inputs(tokens: Tensor, starts: Tensor, pred_lens: Tensor, ci: int,
     return x, y, scored
 
 
-def ttt_batch(model_fn, model: GPT, tokens: Tensor, batch: list, h: Hyperparameters, luts) -> tuple[float, float, float]:
-    """Score-first TTT over one batch of documents (longest first). Returns (nats, bytes, tokens)."""
+def ttt_batch(model_fn, model: GPT, tokens: Tensor, batch: list, h: Hyperparameters, luts,
+              adapt: bool = True) -> tuple[float, float, float]:
+    """Score-first TTT over one batch of documents (longest first). Returns (nats, bytes, tokens).
+    adapt=False scores the same windows without training: the baseline TTT is measured against."""
     device = tokens.device
     starts = torch.tensor([s for s, _ in batch], device=device)
     pred_lens = torch.tensor([n - 1 for _, n in batch], device=device)
@@ -2066,9 +2068,10 @@ def ttt_batch(model_fn, model: GPT, tokens: Tensor, batch: list, h: Hyperparamet
             lora.keep_first(n, opt)
             active = n
         x, y, scored = ttt_chunk_inputs(tokens, starts[:n], pred_lens[:n], ci, h.ttt_chunk_size, h.ttt_eval_seq_len)
-        trains = sum(c > ci + 1 for c in chunks)  # a document's last chunk teaches nothing
+        trains = sum(c > ci + 1 for c in chunks) if adapt else 0  # a document's last chunk teaches nothing
         for step in range(h.ttt_grad_steps if trains else 1):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
+                    torch.set_grad_enabled(trains > 0):
                 loss = model_fn(x, y, None, 0, adapters)
             if step == 0:  # score first, under no_grad, before any update on this chunk
                 with torch.no_grad():
@@ -2082,7 +2085,8 @@ def ttt_batch(model_fn, model: GPT, tokens: Tensor, batch: list, h: Hyperparamet
     return loss_sum.item(), byte_sum.item(), count.item()
 
 
-def eval_val_ttt(model_fn, model: GPT, val_tokens: Tensor, h: Hyperparameters, luts, device, log) -> tuple[float, float]:
+def eval_val_ttt(model_fn, model: GPT, val_tokens: Tensor, h: Hyperparameters, luts, device, log,
+                 adapt: bool = True) -> tuple[float, float]:
     """(val_loss, val_bpb) with per-document LoRA TTT over the (optionally sampled) documents."""
     rank, world = _world()
     docs = select_documents(split_documents(val_tokens), h.val_doc_fraction, h.seed)
@@ -2092,11 +2096,11 @@ def eval_val_ttt(model_fn, model: GPT, val_tokens: Tensor, h: Hyperparameters, l
     sums, t0, done_tokens = [0.0, 0.0, 0.0], time.perf_counter(), 0
     with frozen(model):
         while (b := queue.claim()) < len(batches):
-            result = ttt_batch(model_fn, model, tokens, batches[b], h, luts)
+            result = ttt_batch(model_fn, model, tokens, batches[b], h, luts, adapt)
             sums = [a + r for a, r in zip(sums, result)]
             done_tokens += int(result[2])
             elapsed = time.perf_counter() - t0
-            log(f"ttt_progress rank:{rank} batch:{b + 1}/{len(batches)} docs:{len(batches[b])} "
+            log(f"ttt_progress{'' if adapt else '_baseline'} rank:{rank} batch:{b + 1}/{len(batches)} docs:{len(batches[b])} "
                 f"longest:{batches[b][0][1]} bpb_so_far:{bits_per_byte(sums[0], sums[1]):.4f} "
                 f"tok/s:{done_tokens / max(elapsed, 1e-9):.0f} elapsed:{elapsed:.1f}s")
     loss_sum, byte_sum, count = all_reduce_sums(*sums, device=device)
@@ -2428,6 +2432,11 @@ def run(h: Hyperparameters) -> dict:
         summary["ttt"] = final = {"val_loss": loss, "val_bpb": bpb, "eval_seconds": ttt_s, "warmup_seconds": compile_s,
                                   "doc_fraction": h.val_doc_fraction}
         log(f"ttt val_loss:{loss:.5f} val_bpb:{bpb:.5f} eval:{ttt_s:.1f}s")
+        if h.val_doc_fraction < 1:  # the quantized score of the same sample, to measure the gain on it
+            base_loss, base_bpb = eval_val_ttt(model, model, val_tokens, h, luts, device, log, adapt=False)
+            summary["ttt"].update(sample_val_loss_without_ttt=base_loss, sample_val_bpb_without_ttt=base_bpb)
+            log(f"ttt sample without adaptation val_loss:{base_loss:.5f} val_bpb:{base_bpb:.5f} "
+                f"(TTT gain {bpb - base_bpb:+.5f} bpb)")
         if ttt_s > 600:
             log(f"WARNING: TTT evaluation took {ttt_s:.0f}s, over the challenge's 600s evaluation budget")
     summary["final"] = final

@@ -55,6 +55,7 @@ def test_run_writes_everything_and_counts_exact_bytes(trained_run):
     assert artifact["total_bytes"] == artifact["model_bytes"] + artifact["code_bytes"] <= 16_000_000
     assert summary["train"]["steps"] == 3
     assert "ttt" in summary and summary["final"] == summary["ttt"]
+    assert "sample_val_bpb_without_ttt" in summary["ttt"]  # the sample's own baseline (VAL_DOC_FRACTION < 1)
     submission = read_json(os.path.join(trained_run, "submission.json"))
     assert submission["name"] == "tiny" and submission["bytes_total"] == artifact["total_bytes"]
     assert submission["val_bpb"] == summary["ttt"]["val_bpb"]

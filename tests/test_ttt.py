@@ -273,6 +273,23 @@ def test_zero_lr_equals_each_document_scored_alone_by_the_plain_model(setup, mon
     assert loss == pytest.approx(ref / count, rel=1e-6) and bpb == tg.bits_per_byte(nats, nbytes)
 
 
+def test_without_adaptation_equals_the_plain_model_on_the_same_documents(setup, monkeypatch):
+    """adapt=False (the baseline logged for a VAL_DOC_FRACTION sample) scores the same windows as
+    TTT with the plain model: equal to lr 0, and trains nothing."""
+    h, model, luts, val = setup
+    stream = doc_stream(val, 5 * 64 + 1)
+    docs = tg.split_documents(stream)
+    spy = SumsSpy(monkeypatch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, bpb = tg.eval_val_ttt(model, model, stream, h, luts, CPU, lambda line: None, adapt=False)
+    nats, nbytes, count = spy.last
+    assert count == len(stream) - 1 and nbytes == stream_bytes(stream, luts)
+    assert nats == pytest.approx(plain_reference(model, stream, docs), rel=1e-6)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    adapted = run_eval_ttt(model, stream, h, luts, spy)[2][0]
+    assert adapted != pytest.approx(nats, rel=1e-4)  # with the default lr, TTT does change the score
+
+
 def test_ttt_counts_the_same_targets_and_bytes_as_standard_eval(setup, monkeypatch):
     h, model, luts, val = setup
     stream = doc_stream(val, 5 * 64 + 1, skip=2)
