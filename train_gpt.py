@@ -249,9 +249,10 @@ def check_data(h: Hyperparameters, need_train: bool = True) -> None:
     patterns = [h.val_files] + ([h.train_files] if need_train else [])
     for pattern in patterns:
         if not glob.glob(pattern):
-            raise ConfigError(f"no shards match {pattern}: {fetch}")
+            raise ConfigError(f"no shards match {pattern} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}): {fetch}")
     if not os.path.isfile(h.tokenizer_path):
-        raise ConfigError(f"tokenizer {h.tokenizer_path} does not exist: {fetch}")
+        raise ConfigError(f"tokenizer {h.tokenizer_path} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}) "
+                          f"does not exist: {fetch}")
     import sentencepiece as spm
     size = spm.SentencePieceProcessor(model_file=h.tokenizer_path).vocab_size()
     if size != h.vocab_size:
@@ -373,9 +374,10 @@ def build_cu_seqlens(tokens: np.ndarray, max_doc_len: int, bucket: int = CU_SEQL
 class DocumentPackingLoader:
     """Sequential packed rows for training (spec §5.2).
 
-    Each step takes one global span of world x (n + 1) contiguous tokens from the current shard,
-    starting at a BOS; rank r reads the r-th slice of n + 1 tokens: inputs are its first n tokens,
-    targets the same slice shifted by one. A span that would overrun the shard drops the shard's
+    Each micro-step takes one global span of world x (n + 1) contiguous tokens from the current
+    shard (a shard's first span starts at its first BOS, each next span where the last ended);
+    rank r reads the r-th slice of n + 1 tokens: inputs are its first n tokens, targets the same
+    slice shifted by one. A span that would overrun the shard drops the shard's
     tail and the next shard starts at its first BOS; after the last shard the loader wraps around.
     The next shard is read and the next batch prepared in background threads.
     """
@@ -2232,7 +2234,7 @@ class Trainer:
         h, log, model = self.h, self.log, self.model
         budget_ms = max(h.max_wallclock_seconds - h.gptq_reserve_seconds, 0) * 1000 if h.max_wallclock_seconds > 0 else None
         tokens_per_step = h.train_batch_tokens
-        train_ms, step, stats, last = 0.0, 0, {"looping_at_step": None}, None
+        train_ms, step, stats = 0.0, 0, {"looping_at_step": None}
         phase = {"steps": 0, "ms": 0.0}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -455,7 +455,9 @@ def test_missing_shards_and_tokenizer(tmp_path, tiny_dataset, make_hparams):
         check_data(h)
     with pytest.raises(ConfigError) as e:
         check_data(h, need_train=False)  # only validation shards are needed for evaluation
-    assert f"fineweb_{tiny_dataset.vocab_size}_bpe.model does not exist" in one_line(e)
+    message = one_line(e)
+    assert f"fineweb_{tiny_dataset.vocab_size}_bpe.model" in message and "does not exist" in message
+    assert f"VOCAB_SIZE={tiny_dataset.vocab_size}" in message and "DATA_DIR=" in message
 
 
 def test_bad_values_name_the_variable(make_hparams):
