@@ -2393,8 +2393,9 @@ def run(h: Hyperparameters) -> dict:
     # An artifact given (EVAL_ONLY_PATH=*.ptz) or lying beside a given checkpoint is used only if
     # it fits the limit with this code; otherwise the checkpoint is quantized again (into
     # ARTIFACT_DIR), and a given artifact that does not fit is refused like a fresh one.
-    given = h.eval_only_path if eval_only_ptz else os.path.join(os.path.dirname(os.path.abspath(
-        h.eval_only_path)), "final_model.int6.ptz") if h.eval_only_path else ""
+    given = h.eval_only_path if eval_only_ptz else ""
+    if h.eval_only_path and not eval_only_ptz:
+        given = os.path.join(os.path.dirname(os.path.abspath(h.eval_only_path)), "final_model.int6.ptz")
     use_given = False
     if given and os.path.isfile(given):
         total = os.path.getsize(given) + len(minified_code_stub(source).encode("utf-8"))
