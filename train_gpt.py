@@ -2330,7 +2330,8 @@ def run(h: Hyperparameters) -> dict:
     source = script_source()
     log("\n".join(f"{k}: {v}" for k, v in sorted(h.as_dict().items())), console=False)
     log(source, console=False)
-    log(environment_report(), console=False)
+    environment = environment_report()
+    log(environment, console=False)
     log(f"run_id:{h.run_id} artifact_dir:{h.artifact_dir} world_size:{world} grad_accum:{h.grad_accum_steps}")
     eval_only_ptz = h.eval_only_path.endswith(".ptz")
     if h.eval_only_path and not os.path.isfile(h.eval_only_path):
@@ -2354,7 +2355,7 @@ def run(h: Hyperparameters) -> dict:
     # separate graph per train/eval mode and looping state) and the quantized model, whose
     # weights are loaded into the same tensors, so no graph is compiled twice.
     model_fn = compile_for(device, model, dynamic=False, fullgraph=True)
-    summary = {"run_id": h.run_id, "world_size": world, "environment": environment_report().splitlines()[:2]}
+    summary = {"run_id": h.run_id, "world_size": world, "environment": environment.splitlines()[:2]}
     os.makedirs(h.artifact_dir, exist_ok=True)
     ckpt_path = os.path.join(h.artifact_dir, "final_model.pt")
     ptz_path = os.path.join(h.artifact_dir, "final_model.int6.ptz")
