@@ -236,7 +236,7 @@ class Hyperparameters:
                               f"TTT_CHUNK_SIZE={self.ttt_chunk_size}")
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items()}
+        return dict(vars(self))
 
 
 def check_data(h: Hyperparameters, need_train: bool = True) -> None:
@@ -1796,7 +1796,7 @@ def all_reduce_sums(*values: float, device) -> list[float]:
     return t.tolist()
 
 
-def _packed_row(pieces: list[Tensor], row_len: int, max_doc_len: int) -> tuple[Tensor, Tensor, int]:
+def _packed_row(pieces: list[Tensor], row_len: int, max_doc_len: int) -> tuple[Tensor, Tensor]:
     """Concatenate token pieces into one row of row_len, each piece starting its own segment
     (and BOS inside a piece starting another); the unused tail is one more padding segment."""
     cus, offset = [], 0
@@ -1810,7 +1810,7 @@ def _packed_row(pieces: list[Tensor], row_len: int, max_doc_len: int) -> tuple[T
     tail = np.arange(offset, row_len, max_doc_len) if offset < row_len else np.zeros(0, np.int64)
     cu = np.concatenate(cus + [tail, [row_len]]).astype(np.int32)
     cu = np.concatenate([cu, np.full(-len(cu) % CU_SEQLENS_BUCKET, row_len, dtype=np.int32)])
-    return row, torch.from_numpy(cu), int(np.diff(cu).max())
+    return row, torch.from_numpy(cu)
 
 
 @torch.no_grad()
@@ -1818,7 +1818,7 @@ def score_rows(model_fn, rows: list[tuple[Tensor, Tensor, Tensor]], row_len: int
                device) -> tuple[float, float, float]:
     """Score a list of (inputs, targets, score_mask) pieces packed into one row.
     Returns (sum of nats, sum of bytes, number of scored tokens) over the masked targets."""
-    x, cu, max_len = _packed_row([r[0] for r in rows], row_len, max_doc_len)
+    x, cu = _packed_row([r[0] for r in rows], row_len, max_doc_len)
     y, mask = torch.zeros(row_len, dtype=torch.int64), torch.zeros(row_len, dtype=torch.bool)
     offset = 0
     for inp, tgt, m in rows:
