@@ -644,6 +644,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None,
 
 
 def _varlen_gqa_kwargs() -> dict:
+    """torch >= 2.13 wants enable_gqa=True for fewer KV heads; 2.11 takes them without the flag.
+    Probed once at import, only where CUDA is (varlen needs it), since importing the varlen module
+    loads the compiler stack: about 2 s on every CPU process otherwise (tests, data scripts)."""
+    if not torch.cuda.is_available():
+        return {}
     try:
         import inspect
         from torch.nn.attention.varlen import varlen_attn
