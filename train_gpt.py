@@ -7,12 +7,25 @@ One file, launched by torchrun and configured only by environment variables:
 It trains a GPT on document-packed FineWeb rows within a wall-clock budget, quantizes it with GPTQ
 (int6 matrices, int8 embedding), compresses it, checks the artifact against the size limit, and
 scores it in bits per byte: standard, sliding-window and per-document LoRA test-time training.
-
 The behaviour follows the Parameter Golf record "VarLen attention + fused MLP + doc-independent TTT"
-(PR #1530 by samacqua, val_bpb 1.07336), rewritten section by section in pipeline order:
-hyperparameters -> data -> tokenizer/bpb -> model -> kernels -> optimizers -> quantization and
-artifact -> evaluation -> TTT -> training loop -> main.
+(PR #1530 by samacqua, val_bpb 1.07336).
+
+Sections, in the order a run uses them:
+    CONFIGURATION       Hyperparameters: every environment variable, read and checked once
+    RUNTIME             ranks and collectives, compilation helpers, logging, environment report
+    DATA                token shards, the document-packing training loader, calibration windows
+    BITS PER BYTE       what each target token is charged in UTF-8 bytes
+    KERNELS             the fused Triton MLP (up-projection + LeakyReLU(0.5)^2)
+    MODEL               attention backends and the GPT
+    OPTIMIZERS AND EMA  Muon for the weight banks, AdamW for the rest, the weight average
+    TRAINING            the schedule, the honest compile warmup, the wall-clock training loop
+    ARTIFACT            Hessians, GPTQ, compression, the counted code, the size limit
+    EVALUATION          standard and sliding-window scoring
+    TEST-TIME TRAINING  per-document score-first LoRA adaptation
+    MAIN                run(): train -> choose the artifact -> build or load it -> evaluate
 """
+
+
 from __future__ import annotations
 
 import base64
@@ -32,6 +45,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,19 +61,17 @@ except ImportError:  # CPU-only installs: the eager MLP path is used
 
 
 # =============================================================================================
-#                                        HYPERPARAMETERS
+#                                        CONFIGURATION
 # =============================================================================================
+
 # Every knob is an environment variable, read once here and nowhere else, so a log's header
-# (which prints them all) reproduces a run. Names and defaults follow the record; the variables
-# it read but never used (ROPE_TRAIN_SEQ_LEN, MUON_BETA2, EMBED_LR, HEAD_LR, and the untied-head
-# and embedding-projection switches they belonged to) are gone.
+# (which prints them all) reproduces a run, and a test can build any configuration from a dict.
+# Names and defaults are the record's. Arithmetic that must hold between variables is checked
+# before anything is built, and every error names the variable and what would fix it.
 
 
 class ConfigError(Exception):
     """A problem with the run's inputs; main() prints it as one line and exits non-zero."""
-
-
-BOS_ID = 1  # every document starts with BOS; there is no EOS
 
 
 class Hyperparameters:
@@ -239,25 +251,130 @@ class Hyperparameters:
         return dict(vars(self))
 
 
-def check_data(h: Hyperparameters, need_train: bool = True) -> None:
-    """Fail early, in one line, when the data or tokenizer is missing or does not match VOCAB_SIZE."""
-    fetch = (f"download it with `python3 data/cached_challenge_fineweb.py --variant sp{h.vocab_size}` "
-             f"or build it with `python3 data/tokenize_docs.py`")
-    if not os.path.isdir(h.dataset_dir):
-        raise ConfigError(f"data folder {h.dataset_dir} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}) "
-                          f"does not exist: {fetch}")
-    patterns = [h.val_files] + ([h.train_files] if need_train else [])
-    for pattern in patterns:
-        if not glob.glob(pattern):
-            raise ConfigError(f"no shards match {pattern} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}): {fetch}")
-    if not os.path.isfile(h.tokenizer_path):
-        raise ConfigError(f"tokenizer {h.tokenizer_path} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}) "
-                          f"does not exist: {fetch}")
-    import sentencepiece as spm
-    size = spm.SentencePieceProcessor(model_file=h.tokenizer_path).vocab_size()
-    if size != h.vocab_size:
-        raise ConfigError(f"tokenizer {h.tokenizer_path} has {size} pieces but VOCAB_SIZE={h.vocab_size}: "
-                          f"set VOCAB_SIZE={size} or use the matching tokenizer")
+# =============================================================================================
+#                                           RUNTIME
+# =============================================================================================
+
+# What every later section leans on: which rank this is and how ranks talk, how graphs are
+# compiled, and where messages go. There is no DDP wrapper. The collectives below are the only
+# ones the run uses; each has a gloo form (sum, then divide; all-reduce instead of
+# reduce-scatter), so every distributed path also runs, and is tested, on CPU with two processes.
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks and collectives. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPUs, gloo on CPU.
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_distributed(h: Hyperparameters) -> torch.device:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", h.local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if h.distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(minutes=10))
+    return device
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+class _Finished:
+    """A collective handle for the emulated (gloo) collectives: finishing work runs at wait()."""
+
+    def __init__(self, work=None, then=None):
+        self.work, self.then = work, then
+
+    def wait(self):
+        if self.work is not None:
+            self.work.wait()
+        if self.then is not None:
+            self.then()
+        self.work = self.then = None
+
+
+def _nccl() -> bool:
+    return dist.get_backend() == "nccl"
+
+
+def all_reduce_avg(t: Tensor):
+    """Asynchronous in-place mean over ranks. gloo has no AVG: it sums, then divides at wait()."""
+    if _nccl():
+        return dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True)
+    return _Finished(dist.all_reduce(t, async_op=True), lambda: t.div_(dist.get_world_size()))
+
+
+def reduce_scatter_avg(out: Tensor, inp: Tensor):
+    """Mean over ranks of inp, rank r keeping the r-th slice of its leading dim. gloo lacks
+    reduce_scatter: all-reduce a copy and keep the slice."""
+    if _nccl():
+        return dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.AVG, async_op=True)
+    full = inp.float()
+    dist.all_reduce(full)
+    out.copy_(full.chunk(dist.get_world_size())[dist.get_rank()] / dist.get_world_size())
+    return _Finished()
+
+
+def all_gather_into(out: Tensor, inp: Tensor):
+    if _nccl():
+        return dist.all_gather_into_tensor(out, inp, async_op=True)
+    dist.all_gather(list(out.chunk(dist.get_world_size())), inp.contiguous())
+    return _Finished()
+
+
+def all_reduce_sums(*values: float, device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device) -> bool:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class WorkQueue:
+    """Ranks claim batch indices from an atomic counter in torch.distributed's key-value store
+    (works across hosts, leaves no files behind). Single process: a plain counter."""
+
+    created = 0  # every rank creates its queues in the same order, so the keys agree
+
+    def __init__(self, key: str):
+        WorkQueue.created += 1
+        self.key, self.next = f"{key}_{WorkQueue.created}", 0
+        self.store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+
+    def claim(self) -> int:
+        if self.store is None:
+            self.next += 1
+            return self.next - 1
+        return self.store.add(self.key, 1) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation: one model object, one compiled callable, as few graphs as the run needs.
+# ---------------------------------------------------------------------------------------------
+
+
+def compile_for(device, fn, **kwargs):
+    """torch.compile on CUDA; eager on CPU, where compiling costs more than it saves."""
+    return torch.compile(fn, **kwargs) if device.type == "cuda" else fn
+
+
+def mark_cu_dynamic(cu: Tensor) -> None:
+    """One compiled graph for every cu_seqlens length (the record compiled one per bucket)."""
+    if cu.is_cuda:
+        torch._dynamo.maybe_mark_dynamic(cu, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,11 +417,17 @@ def environment_report() -> str:
 # =============================================================================================
 #                                             DATA
 # =============================================================================================
+
+
 # Shards are flat token streams: a 1024-byte header (256 little-endian int32: magic 20240520,
 # version 1, token count) then uint16 tokens, each document written as BOS + its tokens. Training
 # reads them strictly in order and packs one row of documents per rank and micro-step; attention
 # is cut at every document start through `cu_seqlens`, so no token ever sees another document.
 # A malformed shard is named and explained here instead of surfacing later as a shape error.
+
+
+BOS_ID = 1  # every document starts with BOS; there is no EOS
+
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
@@ -372,7 +495,7 @@ def build_cu_seqlens(tokens: np.ndarray, max_doc_len: int, bucket: int = CU_SEQL
 
 
 class DocumentPackingLoader:
-    """Sequential packed rows for training (spec §5.2).
+    """Sequential packed rows for training.
 
     Each micro-step takes one global span of world x (n + 1) contiguous tokens from the current
     shard (a shard's first span starts at its first BOS, each next span where the last ended);
@@ -435,7 +558,7 @@ class DocumentPackingLoader:
 
 
 class ShuffledSequenceLoader:
-    """Random fixed-length windows from the training shards, for GPTQ calibration (spec §5.3).
+    """Random fixed-length windows from the training shards, for GPTQ calibration.
 
     Rank r reads shards r, r + world, ... with its own PCG64(r) stream. Each shard gets a random
     phase and a random order of its non-overlapping windows; a batch draws each window's shard with
@@ -483,9 +606,32 @@ def load_validation_tokens(pattern: str, seq_len: int) -> Tensor:
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
 
 
+def check_data(h: Hyperparameters, need_train: bool = True) -> None:
+    """Fail early, in one line, when the data or tokenizer is missing or does not match VOCAB_SIZE."""
+    fetch = (f"download it with `python3 data/cached_challenge_fineweb.py --variant sp{h.vocab_size}` "
+             f"or build it with `python3 data/tokenize_docs.py`")
+    if not os.path.isdir(h.dataset_dir):
+        raise ConfigError(f"data folder {h.dataset_dir} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}) "
+                          f"does not exist: {fetch}")
+    patterns = [h.val_files] + ([h.train_files] if need_train else [])
+    for pattern in patterns:
+        if not glob.glob(pattern):
+            raise ConfigError(f"no shards match {pattern} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}): {fetch}")
+    if not os.path.isfile(h.tokenizer_path):
+        raise ConfigError(f"tokenizer {h.tokenizer_path} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}) "
+                          f"does not exist: {fetch}")
+    import sentencepiece as spm
+    size = spm.SentencePieceProcessor(model_file=h.tokenizer_path).vocab_size()
+    if size != h.vocab_size:
+        raise ConfigError(f"tokenizer {h.tokenizer_path} has {size} pieces but VOCAB_SIZE={h.vocab_size}: "
+                          f"set VOCAB_SIZE={size} or use the matching tokenizer")
+
+
 # =============================================================================================
-#                                    TOKENIZER AND BITS PER BYTE
+#                                        BITS PER BYTE
 # =============================================================================================
+
+
 # The score is bits per byte of the original text, so that models with different tokenizers can
 # be compared. Each target token is charged the UTF-8 bytes of its piece: byte-fallback pieces
 # one byte, control/unknown/unused pieces none, and a piece's leading "▁" one space byte unless
@@ -493,10 +639,9 @@ def load_validation_tokens(pattern: str, seq_len: int) -> Tensor:
 # Sums of nats and bytes are kept in float64 and summed over ranks before the division.
 #
 # The bytes are those of the text as the tokenizer's nmt_nfkc normalizer leaves it (whitespace
-# runs folded, ends trimmed, NFKC): on the corpus's 2,000 validation documents 13,590,805 bytes,
-# exactly the UTF-8 length of each document decoded on its own, against 14,695,521 raw bytes.
+# runs folded, ends trimmed, NFKC): exactly the UTF-8 length of each document decoded on its own.
 # SentencePiece's decoder departs from these tables only on id sequences that encoding never
-# produces (pinned in tests/test_data.py): it drops *every* leading "▁" piece, not just one;
+# produces (pinned in tests/test_bpb.py): it drops *every* leading "▁" piece, not just one;
 # decoding across a BOS keeps the next document's leading space; an incomplete byte-fallback
 # sequence decodes to U+FFFD (3 bytes, not 1 per byte piece); <unk> decodes to " ⁇ ".
 
@@ -534,13 +679,211 @@ def bits_per_byte(loss_sum: float, byte_sum: float) -> float:
 
 
 # =============================================================================================
+#                                           KERNELS
+# =============================================================================================
+
+
+# The fused MLP: the up-projection and its LeakyReLU(0.5)^2 activation in one Triton matmul
+# (record PR #1530's design). The MLP's hidden activations are 4x wider than the residual stream,
+# so they dominate its memory traffic. Eager code writes the pre-activation, reads it back for the
+# activation and writes the result; the kernel applies the activation in the matmul's epilogue,
+# so both are written once and never re-read. In the backward pass the same kernel computes
+# grad·W_down and multiplies in f'(pre) in its epilogue, so d(post) never reaches memory. The
+# down-projection and the weight gradients stay in cuBLAS. eager_mlp is the same math in plain
+# PyTorch: the path on CPU, in evaluation and TTT, and for Hessian collection.
+#
+# Persistent kernel: min(#SMs, #tiles) programs, each walking tiles with stride #SMs. On Hopper it
+# reads and writes through TMA (host-side tensor descriptors); elsewhere, and under the Triton
+# interpreter on CPU (TRITON_INTERPRET=1, how the tests run it), through masked pointer accesses.
+
+# Triton reads TRITON_INTERPRET when @triton.jit runs, so the kernels below are interpreted iff it
+# was set when this file was imported.
+_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_load(ref, r0, c0, R, C, BR: tl.constexpr, BC: tl.constexpr, USE_TMA: tl.constexpr):
+        """Rows r0..r0+BR, columns c0..c0+BC of a row-major [R, C] tensor, zeros outside it."""
+        if USE_TMA:
+            tile = ref.load([r0, c0])
+        else:
+            rows = (r0 + tl.arange(0, BR)).to(tl.int64)
+            cols = c0 + tl.arange(0, BC)
+            mask = (rows[:, None] < R) & (cols[None, :] < C)
+            tile = tl.load(ref + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        return tile
+
+    @triton.jit
+    def _tile_store(ref, value, r0, c0, R, C, USE_TMA: tl.constexpr):
+        """Store value (cast to ref's dtype) at rows r0.., columns c0.. of a row-major [R, C] tensor,
+        dropping what falls outside; returns the value as stored."""
+        if USE_TMA:
+            value = value.to(ref.dtype)
+            ref.store([r0, c0], value)
+        else:
+            value = value.to(ref.dtype.element_ty)
+            rows = (r0 + tl.arange(0, value.shape[0])).to(tl.int64)
+            cols = c0 + tl.arange(0, value.shape[1])
+            mask = (rows[:, None] < R) & (cols[None, :] < C)
+            tl.store(ref + rows[:, None] * C + cols[None, :], value, mask=mask)
+        return value
+
+    @triton.jit
+    def _fused_mlp_epilogue(acc, c, aux, off_m, off_n, M, N, BLOCK_M: tl.constexpr, HALF_N: tl.constexpr,
+                            FORWARD: tl.constexpr, USE_TMA: tl.constexpr):
+        """One [BLOCK_M, HALF_N] half of an output tile, acc = a·bᵀ in fp32."""
+        if FORWARD:
+            # pre = acc rounded to the output dtype; post = LeakyReLU_0.5(pre)^2 from that rounded pre,
+            # exactly as the eager path computes it from its bf16 pre.
+            pre = _tile_store(c, acc, off_m, off_n, M, N, USE_TMA).to(tl.float32)
+            act = tl.where(pre > 0, pre, 0.5 * pre)
+            _tile_store(aux, act * act, off_m, off_n, M, N, USE_TMA)
+        else:
+            # dpre = dpost · f'(pre), with f'(p) = 2p for p > 0 and 0.5p otherwise.
+            pre = _tile_load(aux, off_m, off_n, M, N, BLOCK_M, HALF_N, USE_TMA).to(tl.float32)
+            _tile_store(c, acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre), off_m, off_n, M, N, USE_TMA)
+
+    @triton.jit
+    def _fused_mlp_kernel(a, b, c, aux, M, N, K, FORWARD: tl.constexpr, USE_TMA: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                NUM_SMS: tl.constexpr):
+        """a [M, K], b [N, K] -> acc = a·bᵀ per [BLOCK_M, BLOCK_N] tile, then the activation epilogue.
+        FORWARD: c <- pre, aux <- post.  Backward: aux holds pre, c <- dpre.
+        a, b, c, aux are TMA descriptors when USE_TMA, else pointers to contiguous tensors."""
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        num_tiles = tl.cdiv(M, BLOCK_M) * tiles_n
+        # The epilogue recomputes its tile from its own counter, so the flattened, software-pipelined
+        # loop carries no value from its prologue (the loads) to its epilogue (the stores).
+        tile_c = tl.program_id(0) - NUM_SMS
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+            # Main loop: fp32 accumulator over BLOCK_K-wide slabs of the shared K dimension.
+            off_m = (tile // tiles_n) * BLOCK_M
+            off_n = (tile % tiles_n) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                a_tile = _tile_load(a, off_m, k, M, K, BLOCK_M, BLOCK_K, USE_TMA)
+                b_tile = _tile_load(b, off_n, k, N, K, BLOCK_N, BLOCK_K, USE_TMA)
+                acc = tl.dot(a_tile, b_tile.T, acc)
+            # Epilogue in two [BLOCK_M, BLOCK_N/2] halves: half the registers and store buffers live.
+            tile_c += NUM_SMS
+            off_m = (tile_c // tiles_n) * BLOCK_M
+            off_n = (tile_c % tiles_n) * BLOCK_N
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _fused_mlp_epilogue(acc0, c, aux, off_m, off_n, M, N, BLOCK_M, BLOCK_N // 2, FORWARD, USE_TMA)
+            _fused_mlp_epilogue(acc1, c, aux, off_m, off_n + BLOCK_N // 2, M, N, BLOCK_M, BLOCK_N // 2,
+                                FORWARD, USE_TMA)
+
+
+def fused_mlp_up(a: Tensor, b: Tensor, aux: Tensor | None = None, use_tma: bool | None = None):
+    """Launch the kernel. Forward (aux None): returns (pre, post) = (a·bᵀ, LeakyReLU_0.5(pre)²).
+    Backward (aux = pre): returns dpre = (a·bᵀ)·f'(pre). a [M, K], b [N, K], outputs [M, N] in a's dtype.
+    use_tma None picks TMA on Hopper; tests force the pointer path with False."""
+    if triton is None or not (a.is_cuda or _TRITON_INTERPRETED):
+        raise RuntimeError("the fused MLP kernel needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+    if a.dtype != b.dtype or a.shape[1] != b.shape[1]:
+        raise ValueError(f"a {a.dtype}{tuple(a.shape)} and b {b.dtype}{tuple(b.shape)} do not match")
+    forward = aux is None
+    a, b = a.contiguous(), b.contiguous()
+    (M, K), N = a.shape, b.shape[0]
+    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    aux = torch.empty_like(c) if forward else aux.contiguous()
+    if use_tma is None:
+        use_tma = a.is_cuda and not _TRITON_INTERPRETED and torch.cuda.get_device_capability(a.device)[0] == 9
+    if use_tma:  # Hopper: the record's tiles, 4 (fwd) / 3 (bwd) pipeline stages
+        block_m, block_n, block_k, warps, stages = 128, 256, 64, 8, (4 if forward else 3)
+    elif a.is_cuda:  # other GPUs: smaller tiles that fit 100 KB of shared memory
+        block_m, block_n, block_k, warps, stages = 128, 128, 32, 4, 3
+    else:  # interpreter: small tiles keep the CPU tests fast and exercise the edge masks
+        block_m, block_n, block_k, warps, stages = 32, 32, 16, 4, 1
+    num_sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        assert K % 8 == 0 and N % 8 == 0, f"TMA needs 16-byte rows: K={K} and N={N} must be multiples of 8"
+        a = TensorDescriptor.from_tensor(a, [block_m, block_k])
+        b = TensorDescriptor.from_tensor(b, [block_n, block_k])
+        c_arg = TensorDescriptor.from_tensor(c, [block_m, block_n // 2])
+        aux_arg = TensorDescriptor.from_tensor(aux, [block_m, block_n // 2])
+    else:
+        c_arg, aux_arg = c, aux
+    grid = (min(num_sms, triton.cdiv(M, block_m) * triton.cdiv(N, block_n)),)
+    _fused_mlp_kernel[grid](a, b, c_arg, aux_arg, M, N, K, FORWARD=forward, USE_TMA=use_tma,
+                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_SMS=num_sms,
+                                  num_warps=warps, num_stages=stages)
+    return (c, aux) if forward else c
+
+
+# torch.compile must not trace into the launcher (host-side descriptors, device queries), so each
+# direction is an opaque custom op with a shape-only fake implementation; the model still compiles
+# with fullgraph=True around them. Schemas are written out rather than inferred from annotations,
+# which this file's `from __future__ import annotations` turns into strings.
+@torch.library.custom_op("pgolf::fused_mlp_up_fwd", mutates_args=(),
+                         schema="(Tensor x, Tensor w_up) -> (Tensor, Tensor)")
+def _fused_mlp_up_fwd(x, w_up):
+    return fused_mlp_up(x, w_up)
+
+
+@_fused_mlp_up_fwd.register_fake
+def _(x, w_up):
+    pre = x.new_empty((x.shape[0], w_up.shape[0]))
+    return pre, torch.empty_like(pre)
+
+
+@torch.library.custom_op("pgolf::fused_mlp_up_bwd", mutates_args=(),
+                         schema="(Tensor grad, Tensor w_down_t, Tensor pre) -> Tensor")
+def _fused_mlp_up_bwd(grad, w_down_t, pre):
+    return fused_mlp_up(grad, w_down_t, aux=pre)
+
+
+@_fused_mlp_up_bwd.register_fake
+def _(grad, w_down_t, pre):
+    return torch.empty_like(pre)
+
+
+class FusedMLP(torch.autograd.Function):
+    """out = LeakyReLU_0.5(x·W_upᵀ)²·W_downᵀ with the fused kernel; x [..., D], W_up [H, D], W_down [D, H],
+    all one dtype (bf16 in training)."""
+
+    @staticmethod
+    def forward(ctx, x, w_up, w_down):
+        x2 = x.reshape(-1, x.shape[-1])
+        pre, post = _fused_mlp_up_fwd(x2, w_up)
+        ctx.save_for_backward(x2, w_up, w_down, pre, post)
+        return F.linear(post, w_down).reshape(*x.shape[:-1], w_down.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, w_up, w_down, pre, post = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(post.dtype)
+        dw_down = g.t() @ post                                     # [D, H]
+        dpre = _fused_mlp_up_bwd(g, w_down.t().contiguous(), pre)  # (g·W_down)·f'(pre), [M, H]
+        dw_up = dpre.t() @ x2                                      # [H, D]
+        dx = (dpre @ w_up).reshape(*grad.shape[:-1], w_up.shape[1])
+        return dx, dw_up, dw_down
+
+
+def fused_mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """The training MLP through the fused kernel; x is cast to the weights' dtype (autograd sees the cast)."""
+    return FusedMLP.apply(x.to(w_up.dtype), w_up, w_down.to(w_up.dtype))
+
+
+def eager_mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """The same math in plain PyTorch: the model's path wherever the fused kernel is not used."""
+    # LeakyReLU(0.5)^2 activation: Parameter Golf records since PR #626 / #635
+    return F.linear(F.leaky_relu(F.linear(x, w_up), 0.5).square(), w_down)
+
+
+# =============================================================================================
 #                                            MODEL
 # =============================================================================================
-# The record's GPT (spec §4): 11 blocks of width 512 whose matrices live in four "banks"
-# (qo, kv, mlp_up, mlp_down) so that Muon orthogonalizes a whole bank as one batched tensor;
-# tied embedding with a tanh logit softcap; QK-norm with a learned per-head query gain; partial
-# RoPE; XSA on the last layers; U-Net skips merged by a gated lerp; depth recurrence over a middle
-# segment once training is far enough along; two-lane parallel residuals in the last layers.
+
+
+# The record's GPT: 11 blocks of width 512 whose matrices live in four "banks" (qo, kv, mlp_up,
+# mlp_down) so that Muon orthogonalizes a whole bank as one batched tensor (parameter banking,
+# PR #593); tied embedding with a tanh logit softcap; QK-norm with a learned per-head
+# query gain; partial RoPE; XSA on the last layers; U-Net skips merged by a gated lerp; depth
+# recurrence over a middle segment once training is far enough along; two-lane parallel
+# residuals in the last layers. Each technique is credited where it is computed.
 # The same forward serves training (one packed row cut by cu_seqlens), evaluation (dense
 # batches) and test-time training (a per-document LoRA set added to the projections).
 
@@ -551,6 +894,7 @@ def rms_norm(x: Tensor) -> Tensor:
 
 def rotary_tables(positions: int, rope_dims: int, base: float, device) -> tuple[Tensor, Tensor]:
     """cos/sin [positions, rope_dims/2] for partial RoPE (only the first rope_dims of a head rotate)."""
+    # RoPE: Su et al. 2021, arXiv:2104.09864; partial (16 of 64 dims) as in the record stack
     inv_freq = base ** (-torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims)
     freqs = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), inv_freq)
     return freqs.cos(), freqs.sin()
@@ -558,16 +902,17 @@ def rotary_tables(positions: int, rope_dims: int, base: float, device) -> tuple[
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Half-split rotation of the first 2*cos.size(-1) dims of x [..., T, H, D]; the rest pass through."""
-    half = cos.size(-1)
+    pairs = cos.size(-1)
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    x1, x2, rest = x[..., :pairs], x[..., pairs:2 * pairs], x[..., 2 * pairs:]
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
-    """XSA (exclusive self-attention, from the modded-nanogpt / Parameter Golf lineage): remove
-    from each head's output its component along the unit value vector of its own position, so a
-    token cannot simply copy itself. y [..., T, Hq, D], v [..., T, Hkv, D], Hq a multiple of Hkv."""
+    """Remove from each head's output its component along the unit value vector of its own
+    position, so a token cannot simply copy itself. y [..., T, Hq, D], v [..., T, Hkv, D], Hq a
+    multiple of Hkv (each KV head's group of query heads shares its value direction)."""
+    # XSA: Zhai 2026, arXiv:2603.09078; in Parameter Golf since PR #265 / #287
     group = y.size(-2) // v.size(-2)
     y = y.unflatten(-2, (v.size(-2), group))
     v_hat = F.normalize(v, dim=-1).unsqueeze(-2)
@@ -670,12 +1015,12 @@ class GPT(nn.Module):
         hidden = int(h.mlp_mult * D)
         self.rope_dims, self.rope_base = h.rope_dims, h.rope_base
         self.logit_softcap, self.attn_backend = h.logit_softcap, attn_backend
-        self.skip_gates_enabled, self.use_fused_mlp = h.skip_gates_enabled, h.fused_mlp
+        self.skip_gates_enabled, self.fused_mlp_enabled = h.skip_gates_enabled, h.fused_mlp
         self.loop_start, self.loop_end, self.num_loops = h.loop_start, h.loop_end, h.num_loops
         self.parallel_start, self.parallel_final_lane = h.parallel_start_layer, h.parallel_final_lane
         self.xsa_first = L - h.xsa_last_n
         self.looping = False  # switched on by the training loop at ENABLE_LOOPING_AT
-        self.capture = None  # Hessian collection: capture(weight_name, input) sees each matrix's input
+        self.capture = None  # Hessian collection: capture(key, input) sees each matrix's input (weights_reading)
         ln = [1 / math.sqrt(i + 1) if h.ln_scale else 1.0 for i in range(L)]
         self.register_buffer("ln_scales", torch.tensor(ln), persistent=False)
 
@@ -707,12 +1052,13 @@ class GPT(nn.Module):
 
     def layer_order(self, looping: bool | None = None) -> tuple[list[int], list[int]]:
         """Physical layer per virtual position, split into encoder and decoder halves."""
+        # depth recurrence: PR #1204 (idea), #1260 (implementation), three looped layers in #1493
         looping = self.looping if looping is None else looping
         segment = list(range(self.loop_start, self.loop_end + 1))
         order = (list(range(self.loop_start)) + segment * ((self.num_loops + 1) if looping else 1)
                  + list(range(self.loop_end + 1, self.num_layers)))
-        half = len(order) // 2
-        return order[:half], order[half:]
+        middle = len(order) // 2
+        return order[:middle], order[middle:]
 
     # -- sublayers ---------------------------------------------------------------------------
     def attn(self, l: int, x: Tensor, rope, cu_seqlens, max_seqlen, lora, slot) -> Tensor:
@@ -747,7 +1093,7 @@ class GPT(nn.Module):
             hidden = F.leaky_relu(F.linear(x, up), 0.5).square()
             self.capture(f"blocks.{l}.mlp.proj", hidden)
             out = F.linear(hidden, down)
-        elif self.use_fused_mlp and self.training and x.is_cuda and x.dtype == torch.bfloat16 and triton is not None:
+        elif self.fused_mlp_enabled and self.training and x.is_cuda and x.dtype == torch.bfloat16 and triton is not None:
             out = fused_mlp(x, up, down)
         else:
             out = eager_mlp(x, up, down)
@@ -764,6 +1110,7 @@ class GPT(nn.Module):
     def parallel_block(self, l, lane0, lane1, x0, args) -> tuple[Tensor, Tensor]:
         """Two-lane parallel residual: attention reads lane0 (mixed with x0), the MLP reads lane1;
         both outputs are written into both lanes with learned weights."""
+        # parallel residuals: PR #1412, the two-lane form of PR #1529
         mix, s = self.resid_mix[l].to(lane0.dtype), self.ln_scales[l]
         a = self.attn_scale[l].to(lane0.dtype) * self.attn(l, rms_norm(mix[0] * lane0 + mix[1] * x0) * s, *args)
         m = self.mlp_scale[l].to(lane0.dtype) * self.mlp(l, rms_norm(lane1) * s, args[-2], args[-1])
@@ -834,207 +1181,10 @@ def build_model(h: Hyperparameters, device, attn_backend: str = "sdpa") -> GPT:
 
 
 # =============================================================================================
-#                                           KERNELS
+#                                      OPTIMIZERS AND EMA
 # =============================================================================================
-# The MLP up-projection and its LeakyReLU(0.5)^2 activation fused in one Triton matmul (record
-# PR #1530), so the 4x-wide pre-activation is written once and the backward applies the
-# activation's derivative inside the matmul's epilogue. eager_mlp is the same math in plain
-# PyTorch, used on CPU, in evaluation and for Hessian collection.
 
 
-# ---------------------------------------------------------------------------------------------
-# Fused MLP up-projection: one Triton kernel for  x·W_upᵀ -> LeakyReLU(0.5) -> square
-# ---------------------------------------------------------------------------------------------
-# The MLP's hidden activations are 4x wider than the residual stream: at 98,304 tokens a step,
-# each [M, 2048] bf16 tensor is 400 MB. Eager code writes pre, reads it back for the activation
-# and writes post; the kernel applies the activation in the matmul's epilogue, so pre and post are
-# written once and not re-read. In the backward pass the same kernel computes grad·W_down and
-# multiplies in f'(pre) in its epilogue, so dpost never reaches memory. The down-projection and
-# the weight gradients stay in cuBLAS. (The record's `linear_leaky_relu_square` design.)
-#
-# Persistent kernel: min(#SMs, #tiles) programs, each walking tiles with stride #SMs. On Hopper it
-# reads and writes through TMA (host-side tensor descriptors); elsewhere, and under the Triton
-# interpreter on CPU (TRITON_INTERPRET=1, how the tests run it), through masked pointer accesses.
-
-# Triton reads TRITON_INTERPRET when @triton.jit runs, so the kernels below are interpreted iff it
-# was set when this file was imported.
-_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-if triton is not None:
-
-    @triton.jit
-    def _tile_load(ref, r0, c0, R, C, BR: tl.constexpr, BC: tl.constexpr, USE_TMA: tl.constexpr):
-        """Rows r0..r0+BR, columns c0..c0+BC of a row-major [R, C] tensor, zeros outside it."""
-        if USE_TMA:
-            tile = ref.load([r0, c0])
-        else:
-            rows = (r0 + tl.arange(0, BR)).to(tl.int64)
-            cols = c0 + tl.arange(0, BC)
-            mask = (rows[:, None] < R) & (cols[None, :] < C)
-            tile = tl.load(ref + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
-        return tile
-
-    @triton.jit
-    def _tile_store(ref, value, r0, c0, R, C, USE_TMA: tl.constexpr):
-        """Store value (cast to ref's dtype) at rows r0.., columns c0.. of a row-major [R, C] tensor,
-        dropping what falls outside; returns the value as stored."""
-        if USE_TMA:
-            value = value.to(ref.dtype)
-            ref.store([r0, c0], value)
-        else:
-            value = value.to(ref.dtype.element_ty)
-            rows = (r0 + tl.arange(0, value.shape[0])).to(tl.int64)
-            cols = c0 + tl.arange(0, value.shape[1])
-            mask = (rows[:, None] < R) & (cols[None, :] < C)
-            tl.store(ref + rows[:, None] * C + cols[None, :], value, mask=mask)
-        return value
-
-    @triton.jit
-    def _lrelu_sq_epilogue(acc, c, aux, off_m, off_n, M, N, BLOCK_M: tl.constexpr, HALF_N: tl.constexpr,
-                           FORWARD: tl.constexpr, USE_TMA: tl.constexpr):
-        """One [BLOCK_M, HALF_N] half of an output tile, acc = a·bᵀ in fp32."""
-        if FORWARD:
-            # pre = acc rounded to the output dtype; post = LeakyReLU_0.5(pre)^2 from that rounded pre,
-            # exactly as the eager path computes it from its bf16 pre.
-            pre = _tile_store(c, acc, off_m, off_n, M, N, USE_TMA).to(tl.float32)
-            act = tl.where(pre > 0, pre, 0.5 * pre)
-            _tile_store(aux, act * act, off_m, off_n, M, N, USE_TMA)
-        else:
-            # dpre = dpost · f'(pre), with f'(p) = 2p for p > 0 and 0.5p otherwise.
-            pre = _tile_load(aux, off_m, off_n, M, N, BLOCK_M, HALF_N, USE_TMA).to(tl.float32)
-            _tile_store(c, acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre), off_m, off_n, M, N, USE_TMA)
-
-    @triton.jit
-    def _linear_lrelu_sq_kernel(a, b, c, aux, M, N, K, FORWARD: tl.constexpr, USE_TMA: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                NUM_SMS: tl.constexpr):
-        """a [M, K], b [N, K] -> acc = a·bᵀ per [BLOCK_M, BLOCK_N] tile, then the activation epilogue.
-        FORWARD: c <- pre, aux <- post.  Backward: aux holds pre, c <- dpre.
-        a, b, c, aux are TMA descriptors when USE_TMA, else pointers to contiguous tensors."""
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        num_tiles = tl.cdiv(M, BLOCK_M) * tiles_n
-        # The epilogue recomputes its tile from its own counter, so the flattened, software-pipelined
-        # loop carries no value from its prologue (the loads) to its epilogue (the stores).
-        tile_c = tl.program_id(0) - NUM_SMS
-        for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
-            # Main loop: fp32 accumulator over BLOCK_K-wide slabs of the shared K dimension.
-            off_m = (tile // tiles_n) * BLOCK_M
-            off_n = (tile % tiles_n) * BLOCK_N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k in range(0, K, BLOCK_K):
-                a_tile = _tile_load(a, off_m, k, M, K, BLOCK_M, BLOCK_K, USE_TMA)
-                b_tile = _tile_load(b, off_n, k, N, K, BLOCK_N, BLOCK_K, USE_TMA)
-                acc = tl.dot(a_tile, b_tile.T, acc)
-            # Epilogue in two [BLOCK_M, BLOCK_N/2] halves: half the registers and store buffers live.
-            tile_c += NUM_SMS
-            off_m = (tile_c // tiles_n) * BLOCK_M
-            off_n = (tile_c % tiles_n) * BLOCK_N
-            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _lrelu_sq_epilogue(acc0, c, aux, off_m, off_n, M, N, BLOCK_M, BLOCK_N // 2, FORWARD, USE_TMA)
-            _lrelu_sq_epilogue(acc1, c, aux, off_m, off_n + BLOCK_N // 2, M, N, BLOCK_M, BLOCK_N // 2,
-                               FORWARD, USE_TMA)
-
-
-def linear_lrelu_sq(a: Tensor, b: Tensor, aux: Tensor | None = None, use_tma: bool | None = None):
-    """Launch the kernel. Forward (aux None): returns (pre, post) = (a·bᵀ, LeakyReLU_0.5(pre)²).
-    Backward (aux = pre): returns dpre = (a·bᵀ)·f'(pre). a [M, K], b [N, K], outputs [M, N] in a's dtype.
-    use_tma None picks TMA on Hopper; tests force the pointer path with False."""
-    if triton is None or not (a.is_cuda or _TRITON_INTERPRETED):
-        raise RuntimeError("the fused MLP kernel needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
-    if a.dtype != b.dtype or a.shape[1] != b.shape[1]:
-        raise ValueError(f"a {a.dtype}{tuple(a.shape)} and b {b.dtype}{tuple(b.shape)} do not match")
-    forward = aux is None
-    a, b = a.contiguous(), b.contiguous()
-    (M, K), N = a.shape, b.shape[0]
-    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    aux = torch.empty_like(c) if forward else aux.contiguous()
-    if use_tma is None:
-        use_tma = a.is_cuda and not _TRITON_INTERPRETED and torch.cuda.get_device_capability(a.device)[0] == 9
-    if use_tma:  # Hopper: the record's tiles, 4 (fwd) / 3 (bwd) pipeline stages
-        block_m, block_n, block_k, warps, stages = 128, 256, 64, 8, (4 if forward else 3)
-    elif a.is_cuda:  # other GPUs: smaller tiles that fit 100 KB of shared memory
-        block_m, block_n, block_k, warps, stages = 128, 128, 32, 4, 3
-    else:  # interpreter: small tiles keep the CPU tests fast and exercise the edge masks
-        block_m, block_n, block_k, warps, stages = 32, 32, 16, 4, 1
-    num_sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        assert K % 8 == 0 and N % 8 == 0, f"TMA needs 16-byte rows: K={K} and N={N} must be multiples of 8"
-        a = TensorDescriptor.from_tensor(a, [block_m, block_k])
-        b = TensorDescriptor.from_tensor(b, [block_n, block_k])
-        c_arg = TensorDescriptor.from_tensor(c, [block_m, block_n // 2])
-        aux_arg = TensorDescriptor.from_tensor(aux, [block_m, block_n // 2])
-    else:
-        c_arg, aux_arg = c, aux
-    grid = (min(num_sms, triton.cdiv(M, block_m) * triton.cdiv(N, block_n)),)
-    _linear_lrelu_sq_kernel[grid](a, b, c_arg, aux_arg, M, N, K, FORWARD=forward, USE_TMA=use_tma,
-                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_SMS=num_sms,
-                                  num_warps=warps, num_stages=stages)
-    return (c, aux) if forward else c
-
-
-# torch.compile must not trace into the launcher (host-side descriptors, device queries), so each
-# direction is an opaque custom op with a shape-only fake implementation; the model still compiles
-# with fullgraph=True around them. Schemas are written out rather than inferred from annotations,
-# which this file's `from __future__ import annotations` turns into strings.
-@torch.library.custom_op("pgolf::mlp_up_fwd", mutates_args=(),
-                         schema="(Tensor x, Tensor w_up) -> (Tensor, Tensor)")
-def _mlp_up_fwd(x, w_up):
-    return linear_lrelu_sq(x, w_up)
-
-
-@_mlp_up_fwd.register_fake
-def _(x, w_up):
-    pre = x.new_empty((x.shape[0], w_up.shape[0]))
-    return pre, torch.empty_like(pre)
-
-
-@torch.library.custom_op("pgolf::mlp_up_bwd", mutates_args=(),
-                         schema="(Tensor grad, Tensor w_down_t, Tensor pre) -> Tensor")
-def _mlp_up_bwd(grad, w_down_t, pre):
-    return linear_lrelu_sq(grad, w_down_t, aux=pre)
-
-
-@_mlp_up_bwd.register_fake
-def _(grad, w_down_t, pre):
-    return torch.empty_like(pre)
-
-
-class FusedLeakyReluSquareMLP(torch.autograd.Function):
-    """out = LeakyReLU_0.5(x·W_upᵀ)²·W_downᵀ with the fused kernel; x [..., D], W_up [H, D], W_down [D, H],
-    all one dtype (bf16 in training)."""
-
-    @staticmethod
-    def forward(ctx, x, w_up, w_down):
-        x2 = x.reshape(-1, x.shape[-1])
-        pre, post = _mlp_up_fwd(x2, w_up)
-        ctx.save_for_backward(x2, w_up, w_down, pre, post)
-        return F.linear(post, w_down).reshape(*x.shape[:-1], w_down.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2, w_up, w_down, pre, post = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(post.dtype)
-        dw_down = g.t() @ post                                  # [D, H]
-        dpre = _mlp_up_bwd(g, w_down.t().contiguous(), pre)     # (g·W_down)·f'(pre), [M, H]
-        dw_up = dpre.t() @ x2                                   # [H, D]
-        dx = (dpre @ w_up).reshape(*grad.shape[:-1], w_up.shape[1])
-        return dx, dw_up, dw_down
-
-
-def fused_mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
-    """The training MLP through the fused kernel; x is cast to the weights' dtype (autograd sees the cast)."""
-    return FusedLeakyReluSquareMLP.apply(x.to(w_up.dtype), w_up, w_down.to(w_up.dtype))
-
-
-def eager_mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
-    """The same math in plain PyTorch: the model's path wherever the fused kernel is not used."""
-    return F.linear(F.leaky_relu(F.linear(x, w_up), 0.5).square(), w_down)
-
-
-# =============================================================================================
-#                                          OPTIMIZERS
-# =============================================================================================
 # Muon for the four matrix banks, AdamW for the tied embedding and the small control tensors.
 # There is no DDP wrapper: gradients are synchronised inside Optimizers.step, which starts every
 # collective at once and overlaps them with compute. Each bank is reduce-scattered so a rank
@@ -1043,54 +1193,6 @@ def eager_mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
 # all-reduce instead of dozens of tiny ones.
 
 SMALL_TENSOR_NUMEL = 2**15
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torch.distributed."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-class _Finished:
-    """A collective handle for the emulated (gloo) collectives: finishing work runs at wait()."""
-
-    def __init__(self, work=None, then=None):
-        self.work, self.then = work, then
-
-    def wait(self):
-        if self.work is not None:
-            self.work.wait()
-        if self.then is not None:
-            self.then()
-        self.work = self.then = None
-
-
-def _nccl() -> bool:
-    return dist.get_backend() == "nccl"
-
-
-def all_reduce_avg(t: Tensor):
-    """Asynchronous in-place mean over ranks. gloo has no AVG: it sums, then divides at wait()."""
-    if _nccl():
-        return dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True)
-    return _Finished(dist.all_reduce(t, async_op=True), lambda: t.div_(dist.get_world_size()))
-
-
-def reduce_scatter_avg(out: Tensor, inp: Tensor):
-    """Mean over ranks of inp, rank r keeping the r-th slice of its leading dim. gloo lacks
-    reduce_scatter: all-reduce a copy and keep the slice."""
-    if _nccl():
-        return dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.AVG, async_op=True)
-    full = inp.float()
-    dist.all_reduce(full)
-    out.copy_(full.chunk(dist.get_world_size())[dist.get_rank()] / dist.get_world_size())
-    return _Finished()
-
-
-def all_gather_into(out: Tensor, inp: Tensor):
-    if _nccl():
-        return dist.all_gather_into_tensor(out, inp, async_op=True)
-    dist.all_gather(list(out.chunk(dist.get_world_size())), inp.contiguous())
-    return _Finished()
 
 
 def newton_schulz5(G: Tensor, steps: int) -> Tensor:
@@ -1121,7 +1223,7 @@ class Muon(torch.optim.Optimizer):
                  row_normalize: bool = True):
         super().__init__(banks, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.ns_steps, self.row_normalize = ns_steps, row_normalize
-        self.orthogonalize = newton_schulz5  # main() swaps in a compiled version on CUDA
+        self.orthogonalize = newton_schulz5  # the Trainer swaps in a compiled version on CUDA
         self._pending: list = []
 
     @torch.no_grad()
@@ -1156,7 +1258,7 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.mul_(mu).add_(grad)
             update = grad.add(buf, alpha=mu)  # Nesterov
-            if self.row_normalize:
+            if self.row_normalize:  # MuonEq-R: PR #1394 / #1290
                 update = update / update.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(update.dtype)
             update = self.orthogonalize(update, self.ns_steps)
             update = update * math.sqrt(max(1.0, p.size(-2) / p.size(-1)))
@@ -1294,20 +1396,276 @@ class EMA:
 
 
 # =============================================================================================
-#                                  QUANTIZATION AND ARTIFACT
+#                                           TRAINING
 # =============================================================================================
+
+
+# The budget is wall-clock time, not steps: MAX_WALLCLOCK_SECONDS minus the GPTQ reserve, and
+# all ranks stop together once any rank has used it. Before the clock starts, every graph the run
+# will need is compiled on real training batches; then weights, optimizer state, EMA, data loader
+# and random generators are put back exactly as they were, so nothing learned during warmup
+# survives into the timed run (modded-nanogpt's honest warmup).
+#
+# The schedule, in one place. `frac` is the fraction of the budget used (of ITERATIONS when there
+# is no time cap), `step` the optimizer step:
+#
+#   what               when                                   value
+#   learning rate      frac < 1 - WARMDOWN_FRAC               1 x each optimizer's LR
+#                      after that                             linear to 0 at frac = 1, floored at MIN_LR
+#   Muon momentum      step < MUON_MOMENTUM_WARMUP_STEPS      linear MUON_MOMENTUM_WARMUP_START -> MUON_MOMENTUM
+#                      after that                             MUON_MOMENTUM
+#   depth recurrence   frac >= ENABLE_LOOPING_AT              on (off before; NUM_LOOPS > 0)
+#   EMA decay          every step t                           min(EMA_DECAY, (1 + t) / (10 + t)), see EMA
+
+
+def lr_multiplier(frac: float, h: Hyperparameters) -> float:
+    if frac < 1 - h.warmdown_frac:
+        return 1.0
+    return max((1 - frac) / max(h.warmdown_frac, 1e-9), h.min_lr)
+
+
+def muon_momentum_at(step: int, h: Hyperparameters) -> float:
+    t = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - t) * h.muon_momentum_warmup_start + t * h.muon_momentum
+
+
+def looping_at(frac: float, h: Hyperparameters) -> bool:
+    return h.num_loops > 0 and frac >= h.enable_looping_at
+
+
+def rng_state() -> dict:
+    """Every random generator a run draws from, to put back after the warmup."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Owns the model, its optimizers, EMA and loader for one run; `train()` runs the budget."""
+
+    def __init__(self, h: Hyperparameters, model: GPT, model_fn, device, log):
+        self.h, self.model, self.model_fn, self.device, self.log = h, model, model_fn, device, log
+        self.opt = Optimizers(model, h)
+        self.opt.muon.orthogonalize = compile_for(device, newton_schulz5)
+        self.ema = EMA(model, h.ema_decay)
+        self.loader = self.new_loader()
+
+    def new_loader(self) -> DocumentPackingLoader:
+        h = self.h
+        return DocumentPackingLoader(h.train_files, h.local_batch_tokens, h.train_seq_len, h.rank, h.world_size,
+                                     self.device)
+
+    def step(self, step: int, frac: float, batches=None) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean training loss."""
+        h, total = self.h, torch.zeros((), device=self.device)
+        for micro in range(h.grad_accum_steps):
+            x, y, cu, _ = batches[micro] if batches else self.loader.next_batch()
+            mark_cu_dynamic(cu)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                loss = self.model_fn(x, y, cu, h.train_seq_len).mean()
+            (loss / h.grad_accum_steps).backward()
+            total += loss.detach()
+        self.opt.set_schedule(lr_multiplier(frac, h), muon_momentum_at(step, h))
+        if h.grad_clip_norm > 0:
+            # Clipping sees this rank's local gradient: there is no DDP, and ranks are averaged
+            # later, inside the optimizer step (as in the record).
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), h.grad_clip_norm)
+        self.opt.step()
+        self.ema.update(self.model)
+        return total.item() / h.grad_accum_steps
+
+    def warm_up(self) -> float:
+        """Compile every graph (looping off/on, short and long cu_seqlens) on training batches,
+        then restore the exact initial state: weights, every optimizer buffer, EMA, loader and
+        random generators. Returns seconds spent."""
+        h, model, t0 = self.h, self.model, time.perf_counter()
+        if h.warmup_steps <= 0:
+            return 0.0
+        snapshot = (copy.deepcopy(model.state_dict()), copy.deepcopy(self.opt.state_dict()), self.ema.state_dict(),
+                    rng_state())
+        for looping in (False, True):
+            model.looping = looping
+            for i in range(max(h.warmup_steps // 2, 1)):
+                batches = None
+                if i < 4:  # vary the number of segments so each cu_seqlens bucket is seen
+                    batches = []
+                    for _ in range(h.grad_accum_steps):
+                        x, y, _, _ = self.loader.next_batch()
+                        cu = np.linspace(0, len(x), CU_SEQLENS_BUCKET * (i + 1)).astype(np.int32)
+                        batches.append((x, y, torch.from_numpy(cu).to(self.device), 0))
+                self.step(0, 0.0, batches)
+        model.looping = False
+        model.load_state_dict(snapshot[0])
+        self.opt.load_state_dict(snapshot[1])
+        self.ema.load_state_dict(snapshot[2])
+        set_rng_state(snapshot[3])
+        self.loader.close()
+        self.loader = self.new_loader()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def train(self, validate) -> dict:
+        """Train until the step or time budget ends; validate(step) -> (loss, bpb) is called at
+        step 0, every VAL_LOSS_EVERY steps and at the end (its time is not counted)."""
+        h, log, model = self.h, self.log, self.model
+        budget_ms = max(h.max_wallclock_seconds - h.gptq_reserve_seconds, 0) * 1000 if h.max_wallclock_seconds > 0 else None
+        tokens_per_step = h.train_batch_tokens
+        train_ms, step, stats = 0.0, 0, {"looping_at_step": None}
+        phase = {"steps": 0, "ms": 0.0}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        while True:
+            last_step = step >= h.iterations or (budget_ms is not None and any_rank(train_ms >= budget_ms, self.device))
+            if step == 0 or last_step or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
+                val_loss, val_bpb = validate(step)
+                log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                    f"train_time:{train_ms:.0f}ms")
+                stats.update(final_val_loss=val_loss, final_val_bpb=val_bpb)
+            if last_step:
+                break
+            frac = train_ms / budget_ms if budget_ms else step / h.iterations
+            if not model.looping and looping_at(frac, h):
+                model.looping = True
+                stats["looping_at_step"] = step
+                stats["before_looping"] = dict(phase)
+                phase = {"steps": 0, "ms": 0.0}
+                encoder, decoder = model.layer_order()
+                log(f"looping:on step:{step} encoder:{encoder} decoder:{decoder}")
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = self.step(step, frac)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) * 1000
+            train_ms += dt
+            phase["steps"] += 1
+            phase["ms"] += dt
+            step += 1
+            if step <= 5 or step % h.train_log_every == 0:
+                ms_per_step = phase["ms"] / max(phase["steps"], 1)
+                eta = (budget_ms - train_ms) / 1000 if budget_ms else (h.iterations - step) * ms_per_step / 1000
+                log(f"step:{step}/{h.iterations} train_loss:{loss:.4f} lr_mult:{lr_multiplier(frac, h):.3f} "
+                    f"ms/step:{ms_per_step:.1f} tok/s:{tokens_per_step / ms_per_step * 1000:.0f} "
+                    f"elapsed:{train_ms / 1000:.1f}s eta:{max(eta, 0):.0f}s")
+        stats[("after_looping" if model.looping else "before_looping")] = dict(phase)
+        stats.update(steps=step, train_ms=train_ms)
+        if self.device.type == "cuda":
+            stats["peak_memory_mib"] = torch.cuda.max_memory_allocated() // 2**20
+        self.loader.close()
+        return stats
+
+
+# =============================================================================================
+#                                           ARTIFACT
+# =============================================================================================
+
+
 # The submission is code + compressed weights, at most 16,000,000 bytes. Weights get there in
 # three steps: GPTQ rounds every large matrix to int6 (the tied embedding to int8) against the
 # Hessian of its inputs, so rounding errors are steered where the data cannot see them; the
 # quantized state is saved, byte-shuffled and compressed (brotli-11 or lzma) in independent
 # pieces on all cores; the code is counted as the self-extracting stub of its minified text.
-# The total is checked against the limit here, not just logged: a record that is 20 KB over is
-# not a record.
+# The total is checked against the limit in one place (check_artifact_size), not just logged: a
+# record that is 20 KB over is not a record.
+
+
+# ---------------------------------------------------------------------------------------------
+# Naming, in one place: the per-layer names of the banked weights (as the artifact stores them),
+# and which of those matrices read each input the model hands to `capture` for the Hessians.
+# ---------------------------------------------------------------------------------------------
+
+BANK_LAYOUT = (  # (bank, per-layer name, part: layer i's matrix is bank[part * num_layers + i])
+    ("qo_bank", "attn.c_q", 0), ("qo_bank", "attn.proj", 1),
+    ("kv_bank", "attn.c_k", 0), ("kv_bank", "attn.c_v", 1),
+    ("mlp_up_bank", "mlp.fc", 0), ("mlp_down_bank", "mlp.proj", 0),
+)
+
+
+def unbank_state(state: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    """Banked state dict -> per-layer matrices blocks.{i}.attn.c_q.weight, ... (other tensors as is)."""
+    out = {k: v for k, v in state.items() if not k.endswith("_bank")}
+    for bank, name, part in BANK_LAYOUT:
+        for i in range(num_layers):
+            out[f"blocks.{i}.{name}.weight"] = state[bank][part * num_layers + i]
+    return out
+
+
+def rebank_state(state: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
+    for bank in dict.fromkeys(b for b, _, _ in BANK_LAYOUT):
+        parts = sorted(((part, name) for b, name, part in BANK_LAYOUT if b == bank))
+        out[bank] = torch.stack([state[f"blocks.{i}.{name}.weight"] for _, name in parts for i in range(num_layers)])
+    return out
+
+
+def weights_reading(capture_key: str) -> list[str]:
+    """The quantized matrices whose input GPT.attn / GPT.mlp / collect_hessians captured under
+    `capture_key`: Q, K and V share one input; the tied head reads the final hidden state."""
+    if capture_key == "tok_emb":
+        return ["tok_emb.weight"]
+    if capture_key.endswith("attn.c_qkv"):
+        return [capture_key.replace("c_qkv", kind) + ".weight" for kind in ("c_q", "c_k", "c_v")]
+    return [capture_key + ".weight"]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPTQ: Hessians H = sum X^T X of each matrix's input, then error-steered rounding against them.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, h: Hyperparameters, device) -> dict[str, Tensor]:
+    """H = sum X^T X of every quantized matrix's input over calibration batches from the training
+    shards, summed over ranks and divided by the number of batches. The EMA model runs uncompiled,
+    with the eager MLP and looping on, so a looped layer sees all its passes. Ranks split the
+    GPTQ_CALIBRATION_BATCHES between them (the record had each rank collect them all and used
+    only rank 0's)."""
+    rank, world = _world()
+    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, rank, world)
+    batch_seqs = h.local_batch_tokens // h.train_seq_len
+    my_batches = len(range(rank, h.gptq_calibration_batches, world))
+    hessians: dict[str, Tensor] = {}
+
+    def capture(key: str, x: Tensor):
+        x = x.reshape(-1, x.size(-1)).float()
+        if key not in hessians:
+            hessians[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
+        hessians[key].addmm_(x.T, x)
+
+    was_training, model.capture = model.training, capture
+    model.eval()
+    try:
+        for _ in range(my_batches):
+            x, _ = loader.next_batch(batch_seqs)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                capture("tok_emb", model.hidden(x.to(device)))  # the tied head's input
+    finally:
+        model.capture = None
+        model.train(was_training)
+    out = {}
+    for key in sorted(hessians):
+        H = hessians[key]
+        if world > 1:
+            dist.all_reduce(H)
+        H /= max(h.gptq_calibration_batches, 1)
+        out.update((name, H) for name in weights_reading(key))
+    return out
 
 
 def gptq_quantize(weight: Tensor, hessian: Tensor, clip_sigmas: float, bits: int,
                   block_size: int = 128) -> tuple[Tensor, Tensor]:
-    """GPTQ (Frantar et al. 2022, arXiv:2210.17323) with act-order and SDClip scales (spec §7.2).
+    """GPTQ (Frantar et al. 2022, arXiv:2210.17323) with act-order and SDClip scales (PR #1394).
 
     weight [rows, cols] with hessian [cols, cols] = sum of x x^T over the layer's inputs, or a
     stack [batch, rows, cols] with [batch, cols, cols] (matrices of one shape done in one pass,
@@ -1382,7 +1740,7 @@ QUANT_MIN_NUMEL = 65_536  # tensors up to this size are stored as fp16, larger o
 def quantize_state_dict(state: dict, hessians: dict, matrix_bits: int, matrix_clip_sigmas: float,
                         embed_bits: int, embed_clip_sigmas: float,
                         embed_name: str = "tok_emb.weight") -> tuple[dict, dict]:
-    """Split a float state dict into what the artifact stores (spec §7.2-7.3).
+    """Split a float state dict into what the artifact stores.
 
     Returns (w, meta). w: "<name>.q" int8 and "<name>.scale" fp16 for each GPTQ'd tensor, the
     fp16 copy under "<name>" for each passthrough tensor; everything on the CPU. meta: name ->
@@ -1434,14 +1792,11 @@ def dequantize_state_dict(w: dict, meta: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Serialization. torch.save({"w", "m"}) -> byte shuffle -> cut into 1 MiB pieces -> each piece
 # compressed on its own, all cores at once -> one container. The pieces are cut from the one
-# shuffled stream, so no tensor is regrouped and the inverse is a plain concatenation.
-# Measured (parts/bench_quant.py) on a realistic 36 MB state, 66 int6 matrices + int8 embedding,
-# on the 16-core H200 box: brotli-11 as one stream 16,003,945 bytes in 75 s, as 35 pieces
-# 16,005,528 bytes (+0.01%) in 4.2 s; lzma-6 17,008,052 bytes in 46 s vs 16,778,418 (-1.3%) in
-# 1.7 s. Pieces also cost less CPU in all (brotli-11's work per byte grows with the input it can
-# look back over). Per-tensor streams cost +0.3% (a torch.save header each); 1/4 MiB pieces
-# +0.03%; no shuffle +0.05%. The piece size is fixed, never derived from the core count, so the
-# artifact's bytes do not depend on the machine that wrote it.
+# shuffled stream, so no tensor is regrouped and the inverse is a plain concatenation. Why
+# pieces: brotli-11 on one 36 MB stream takes over a minute, and its work per byte grows with the
+# input it can look back over; 1 MiB pieces on all cores take seconds for about 0.01% more
+# bytes (tools/bench_quant.py measures it). The piece size is fixed, never derived from the core
+# count, so the artifact's bytes do not depend on the machine that wrote it.
 #
 # Container: b"PGQA", version byte, compressor byte (b"b" brotli, b"l" lzma), uint32 piece
 # count, then one uint32 compressed length per piece (little-endian), then the pieces.
@@ -1527,14 +1882,14 @@ def deserialize_quantized(blob: bytes) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Code size (spec §7.4). The counted code is a two-line stub that carries this file minified
+# Code size. The counted code is a two-line stub that carries this file minified
 # (python_minifier, the library behind the `pyminify` command, with the record's flags), lzma-
 # compressed and base85-encoded. The stub is real: run as a script it behaves as this file.
 # It registers the minified text in linecache under a pseudo file name and compiles against that
 # name, so whatever reads source at run time still finds it: inspect.getsource, which
 # triton.jit needs for its kernels, and script_source() below, which the log header and the size
 # count use. Run from the stub, script_source() returns the minified text; minifying that again
-# gives the same text (checked in tests/test_quant.py), so the stub counts the same either way.
+# gives the same text (checked in tests/test_artifact.py), so the stub counts the same either way.
 # ---------------------------------------------------------------------------------------------
 
 STUB_FILENAME = "<train_gpt.min>"
@@ -1549,19 +1904,33 @@ def script_source() -> str:
     return "".join(lines)
 
 
+def _without_argument_annotations(source: str) -> str:
+    """source with the argument annotations of every function except Triton kernels removed."""
+    import ast
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and not any(ast.unparse(d).endswith("jit") for d in node.decorator_list):
+            args = node.args
+            for arg in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
+                if arg is not None:
+                    arg.annotation = None
+    return ast.unparse(tree)
+
+
 def minified_code_stub(source: str) -> str:
     """The self-extracting stub for `source`; its UTF-8 length is the counted code size."""
     try:
         import python_minifier
     except ImportError:
         raise ConfigError("code-size accounting needs python_minifier: pip install python-minifier") from None
-    # The record's pyminify flags, except that argument annotations stay: Triton reads
-    # `BLOCK: tl.constexpr` from them, and without them the stub's kernels fail to compile.
+    # The record's pyminify flags, except that argument annotations stay for the minifier: Triton
+    # reads `BLOCK: tl.constexpr` from them, and without them the stub's kernels fail to compile.
+    # Every other argument annotation is dropped beforehand (nothing evaluates them here).
     keep_args = python_minifier.RemoveAnnotationsOptions(
         remove_variable_annotations=True, remove_return_annotations=True,
         remove_argument_annotations=False, remove_class_attribute_annotations=False)
-    small = python_minifier.minify(source, remove_annotations=keep_args, rename_locals=False, hoist_literals=False,
-                                   remove_literal_statements=True)
+    small = python_minifier.minify(_without_argument_annotations(source), remove_annotations=keep_args,
+                                   rename_locals=False, hoist_literals=False, remove_literal_statements=True)
     packed = base64.b85encode(lzma.compress(small.encode("utf-8"))).decode("ascii")  # b85 has no quote or backslash
     f = STUB_FILENAME
     return ("import lzma as L,base64 as B,linecache as C\n"
@@ -1597,11 +1966,12 @@ def artifact_size_report(model_bytes: int, code_bytes: int, limit: int, stored: 
     return "\n".join(lines)
 
 
-def check_artifact_size(total: int, limit: int, report: str) -> None:
+def check_artifact_size(total: int, limit: int, report: str,
+                        fix: str = "raise MATRIX_CLIP_SIGMAS, or set ARTIFACT_AUTOFIT=1 to do it automatically"):
+    """The one refusal: every artifact over the limit, built or given, ends the run here."""
     if total > limit:
         raise ArtifactTooLarge(f"artifact is {total:,} bytes, {total - limit:,} over the {limit:,}-byte limit "
-                               f"(raise MATRIX_CLIP_SIGMAS, or set ARTIFACT_AUTOFIT=1 to do it automatically)\n"
-                               f"{report}")
+                               f"({fix})\n{report}")
 
 
 def autofit_clip_factor(total_at, limit: int, max_factor: float = 1.5, rel_tol: float = 0.002,
@@ -1635,80 +2005,6 @@ def autofit_clip_factor(total_at, limit: int, max_factor: float = 1.5, rel_tol: 
             lo, size_lo = mid, size
     return hi, size_hi
 
-# ---------------------------------------------------------------------------------------------
-# Between the model and the quantizer: per-layer names for the banked weights, and the input
-# Hessians H = sum X^T X that GPTQ weighs its rounding errors with.
-# ---------------------------------------------------------------------------------------------
-
-BANK_LAYOUT = (  # (bank, per-layer name, first slice of the bank's layer 0)
-    ("qo_bank", "attn.c_q", 0), ("qo_bank", "attn.proj", 1),
-    ("kv_bank", "attn.c_k", 0), ("kv_bank", "attn.c_v", 1),
-    ("mlp_up_bank", "mlp.fc", 0), ("mlp_down_bank", "mlp.proj", 0),
-)
-
-
-def unbank_state(state: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
-    """Banked state dict -> per-layer matrices blocks.{i}.attn.c_q.weight, ... (other tensors as is)."""
-    out = {k: v for k, v in state.items() if not k.endswith("_bank")}
-    for bank, name, half in BANK_LAYOUT:
-        for i in range(num_layers):
-            out[f"blocks.{i}.{name}.weight"] = state[bank][half * num_layers + i]
-    return out
-
-
-def rebank_state(state: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
-    out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
-    for bank in dict.fromkeys(b for b, _, _ in BANK_LAYOUT):
-        parts = sorted(((half, name) for b, name, half in BANK_LAYOUT if b == bank))
-        out[bank] = torch.stack([state[f"blocks.{i}.{name}.weight"] for _, name in parts for i in range(num_layers)])
-    return out
-
-
-@torch.no_grad()
-def collect_hessians(model: GPT, h: Hyperparameters, device) -> dict[str, Tensor]:
-    """H = sum X^T X of every quantized matrix's input over calibration batches from the training
-    shards, summed over ranks and divided by the number of batches. The EMA model runs uncompiled,
-    with the eager MLP and looping on, so a looped layer sees all its passes. Ranks split the
-    GPTQ_CALIBRATION_BATCHES between them (the record had each rank collect them all and used
-    only rank 0's)."""
-    rank, world = _world()
-    loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len, rank, world)
-    batch_seqs = h.local_batch_tokens // h.train_seq_len
-    mine = len(range(rank, h.gptq_calibration_batches, world))
-    hessians: dict[str, Tensor] = {}
-
-    def capture(name: str, x: Tensor):
-        x = x.reshape(-1, x.size(-1)).float()
-        if name not in hessians:
-            hessians[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
-        hessians[name].addmm_(x.T, x)
-
-    was_training, model.capture = model.training, capture
-    model.eval()
-    try:
-        for _ in range(mine):
-            x, _ = loader.next_batch(batch_seqs)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                capture("tok_emb", model.hidden(x.to(device)))  # the tied head's input
-    finally:
-        model.capture = None
-        model.train(was_training)
-    out = {}
-    for name in sorted(hessians):
-        H = hessians[name]
-        if world > 1:
-            dist.all_reduce(H)
-        H /= max(h.gptq_calibration_batches, 1)
-        if name.endswith("attn.c_qkv"):
-            for kind in ("c_q", "c_k", "c_v"):
-                out[name.replace("c_qkv", kind) + ".weight"] = H
-        elif name == "tok_emb":
-            out["tok_emb.weight"] = H
-        else:
-            out[name + ".weight"] = H
-    return out
-
-
 
 def quantize_model(model: GPT, h: Hyperparameters, hessians: dict, clip_factor: float = 1.0) -> tuple[dict, dict]:
     state = unbank_state({k: v.detach() for k, v in model.state_dict().items()}, h.num_layers)
@@ -1726,8 +2022,8 @@ def load_artifact(blob: bytes, model: GPT) -> None:
 
 def write_artifact(h: Hyperparameters, model: GPT, source: str, ptz_path: str, device, log, evaluate) -> dict:
     """Hessians -> GPTQ -> compression -> size account, on rank 0 (Hessians from all ranks).
-    Writes the .ptz and train_gpt.min.py (the counted code) and returns the numbers; a total over
-    ARTIFACT_LIMIT_BYTES is written too and reported in "refusal" for the caller to raise, unless
+    Writes the .ptz and train_gpt.min.py (the counted code) and returns the numbers, with the
+    size "report"; a total over ARTIFACT_LIMIT_BYTES is written too (the caller refuses it), unless
     ARTIFACT_AUTOFIT finds the smallest coarsening of the matrix clip that fits."""
     rank, _ = _world()
     t0 = time.perf_counter()
@@ -1775,30 +2071,36 @@ def write_artifact(h: Hyperparameters, model: GPT, source: str, ptz_path: str, d
     report = artifact_size_report(len(blob), code_bytes, h.artifact_limit_bytes, stored_bytes_by_kind(w, meta),
                                   h.compressor)
     log(report)
-    info.update(model_bytes=len(blob), code_bytes=code_bytes, total_bytes=total, path=ptz_path)
-    try:
-        check_artifact_size(total, h.artifact_limit_bytes, report)
-    except ArtifactTooLarge as e:
-        info["refusal"] = str(e)
+    info.update(model_bytes=len(blob), code_bytes=code_bytes, total_bytes=total, path=ptz_path, report=report)
     return info
+
+
+def load_checkpoint(path: str, model: GPT) -> None:
+    """Load a final_model.pt, naming any tensor whose name or shape does not match the model."""
+    state = torch.load(path, map_location="cpu")
+    expected = model.state_dict()
+    for name in sorted(set(expected) | set(state)):
+        if name not in state:
+            raise ConfigError(f"{path}: tensor {name} is missing; it was saved with other hyperparameters")
+        if name not in expected:
+            raise ConfigError(f"{path}: tensor {name} is not part of this model; check NUM_LAYERS and friends")
+        if state[name].shape != expected[name].shape:
+            raise ConfigError(f"{path}: tensor {name} has shape {tuple(state[name].shape)} but the current "
+                              f"hyperparameters give {tuple(expected[name].shape)}")
+    model.load_state_dict(state)
 
 
 # =============================================================================================
 #                                          EVALUATION
 # =============================================================================================
+
+
 # Standard evaluation scores every validation target once, in packed rows cut at document starts.
 # The stream is cut into rows of VAL_BATCH_TOKENS / 8 tokens on any world size (a document that
 # straddles a row boundary loses its earlier context there) and ranks take contiguous shares of
 # the rows; the last row is padded and masked. So every target counts and the number does not
 # depend on the world size (the record dropped each rank's remainder). The sliding window gives
 # every scored token EVAL_SEQ_LEN - EVAL_STRIDE tokens of context instead.
-
-
-def all_reduce_sums(*values: float, device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def _packed_row(pieces: list[Tensor], row_len: int, max_doc_len: int) -> tuple[Tensor, Tensor]:
@@ -1837,12 +2139,6 @@ def score_rows(model_fn, rows: list[tuple[Tensor, Tensor, Tensor]], row_len: int
     return (float(loss.double()[mask].sum()), float(nbytes[mask].sum()), float(mask.sum()))
 
 
-def mark_cu_dynamic(cu: Tensor) -> None:
-    """One compiled graph for every cu_seqlens length (the record compiled one per bucket)."""
-    if cu.is_cuda:
-        torch._dynamo.maybe_mark_dynamic(cu, 0)
-
-
 def eval_val(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, device) -> tuple[float, float]:
     """(val_loss, val_bpb) over every target of the validation stream. The stream is cut into rows
     of VAL_BATCH_TOKENS / 8 tokens (the record's per-GPU batch on 8 GPUs) whatever the world size,
@@ -1866,22 +2162,22 @@ def eval_val_sliding(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, dev
     targets, every later one only its last EVAL_STRIDE, so each target is scored once with at
     least EVAL_SEQ_LEN - EVAL_STRIDE tokens of context (up to the document start)."""
     rank, world = _world()
-    L, stride, N = h.eval_seq_len, h.eval_stride, len(val_tokens) - 1
-    starts = list(range(0, max(N - (L - stride), 1), stride))
-    mine = starts[len(starts) * rank // world:len(starts) * (rank + 1) // world]
+    seq_len, stride, N = h.eval_seq_len, h.eval_stride, len(val_tokens) - 1
+    starts = list(range(0, max(N - (seq_len - stride), 1), stride))
+    my_starts = starts[len(starts) * rank // world:len(starts) * (rank + 1) // world]
     per_batch = 32
     sums = [0.0, 0.0, 0.0]
-    for b in range(0, len(mine), per_batch):
+    for b in range(0, len(my_starts), per_batch):
         rows = []
-        for start in mine[b:b + per_batch]:
-            end = min(start + L, N)
+        for start in my_starts[b:b + per_batch]:
+            end = min(start + seq_len, N)
             mask = torch.zeros(end - start, dtype=torch.bool)
-            mask[0 if start == 0 else L - stride:] = True
+            mask[0 if start == 0 else seq_len - stride:] = True
             rows.append((val_tokens[start:end], val_tokens[start + 1:end + 1], mask))
-        for i, v in enumerate(score_rows(model_fn, rows, per_batch * L, L, luts, device)):
+        for i, v in enumerate(score_rows(model_fn, rows, per_batch * seq_len, seq_len, luts, device)):
             sums[i] += v
         if log and (b // per_batch) % 50 == 0:
-            log(f"sliding_eval batch {b // per_batch + 1}/{-(-len(mine) // per_batch)}")
+            log(f"sliding_eval batch {b // per_batch + 1}/{-(-len(my_starts) // per_batch)}")
     loss_sum, byte_sum, count = all_reduce_sums(*sums, device=device)
     return loss_sum / max(count, 1), bits_per_byte(loss_sum, byte_sum)
 
@@ -1889,6 +2185,8 @@ def eval_val_sliding(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, dev
 # =============================================================================================
 #                                   TEST-TIME TRAINING (TTT)
 # =============================================================================================
+
+
 # Per-document, score-first LoRA test-time training (record PR #1530; LoRA: Hu et al. 2021,
 # arXiv:2106.09685). Every validation document gets its own rank-r adapters on Q, K, V, "O"
 # (read from the normed block input), the MLP (per virtual layer) and the head, trained only on
@@ -2022,24 +2320,6 @@ def ttt_batches(docs: list, batch_size: int) -> list[list[tuple[int, int]]]:
     return [b[::-1] for b in batches]
 
 
-class WorkQueue:
-    """Ranks claim batch indices from an atomic counter in torch.distributed's key-value store
-    (works across hosts, leaves no files behind). Single process: a plain counter."""
-
-    created = 0  # every rank creates its queues in the same order, so the keys agree
-
-    def __init__(self, key: str):
-        WorkQueue.created += 1
-        self.key, self.next = f"{key}_{WorkQueue.created}", 0
-        self.store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
-
-    def claim(self) -> int:
-        if self.store is None:
-            self.next += 1
-            return self.next - 1
-        return self.store.add(self.key, 1) - 1
-
-
 def ttt_chunk_inputs(tokens: Tensor, starts: Tensor, pred_lens: Tensor, ci: int, chunk: int, window: int):
     """Inputs, targets and score mask [n, context] for chunk ci of n documents (tokens on device).
     Each row is the last <= window tokens up to the chunk's end, left-aligned, padded with 0."""
@@ -2143,316 +2423,207 @@ class frozen:
 
 
 # =============================================================================================
-#                                        TRAINING LOOP
-# =============================================================================================
-# The budget is wall-clock time, not steps: MAX_WALLCLOCK_SECONDS minus the GPTQ reserve. The
-# learning rate is flat, then decays linearly over the last WARMDOWN_FRAC of the *time* budget;
-# depth recurrence switches on at ENABLE_LOOPING_AT of it; all ranks stop together once any rank
-# has used the budget. Before the clock starts, every graph the run will need is compiled on
-# real training batches, and then weights, optimizer state, EMA and the data loader are put back
-# exactly as they were, so nothing learned during warmup survives (modded-nanogpt's honest warmup).
-
-
-def lr_multiplier(frac: float, h: Hyperparameters) -> float:
-    if frac < 1 - h.warmdown_frac:
-        return 1.0
-    return max((1 - frac) / max(h.warmdown_frac, 1e-9), h.min_lr)
-
-
-def muon_momentum_at(step: int, h: Hyperparameters) -> float:
-    t = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
-    return (1 - t) * h.muon_momentum_warmup_start + t * h.muon_momentum
-
-
-def any_rank(flag: bool, device) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-class Trainer:
-    """Owns the model, its optimizers, EMA and loader for one run; `train()` runs the budget."""
-
-    def __init__(self, h: Hyperparameters, model: GPT, model_fn, device, log):
-        self.h, self.model, self.model_fn, self.device, self.log = h, model, model_fn, device, log
-        self.opt = Optimizers(model, h)
-        self.ema = EMA(model, h.ema_decay)
-        self.loader = self.new_loader()
-
-    def new_loader(self) -> DocumentPackingLoader:
-        h = self.h
-        return DocumentPackingLoader(h.train_files, h.local_batch_tokens, h.train_seq_len, h.rank, h.world_size,
-                                     self.device)
-
-    def step(self, step: int, frac: float, batches=None) -> float:
-        """One optimizer step over grad_accum micro-batches; returns the mean training loss."""
-        h, total = self.h, torch.zeros((), device=self.device)
-        for micro in range(h.grad_accum_steps):
-            x, y, cu, _ = batches[micro] if batches else self.loader.next_batch()
-            mark_cu_dynamic(cu)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                loss = self.model_fn(x, y, cu, h.train_seq_len).mean()
-            (loss / h.grad_accum_steps).backward()
-            total += loss.detach()
-        self.opt.set_schedule(lr_multiplier(frac, h), muon_momentum_at(step, h))
-        if h.grad_clip_norm > 0:
-            # Clipping sees this rank's local gradient: there is no DDP, and ranks are averaged
-            # later, inside the optimizer step (as in the record; spec §6.6).
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), h.grad_clip_norm)
-        self.opt.step()
-        self.ema.update(self.model)
-        return total.item() / h.grad_accum_steps
-
-    def warm_up(self) -> float:
-        """Compile every graph (looping off/on, short and long cu_seqlens) on training batches,
-        then restore the exact initial state. Returns seconds spent."""
-        h, model, t0 = self.h, self.model, time.perf_counter()
-        if h.warmup_steps <= 0:
-            return 0.0
-        snapshot = (copy.deepcopy(model.state_dict()), copy.deepcopy(self.opt.state_dict()), self.ema.state_dict())
-        for looping in (False, True):
-            model.looping = looping
-            for i in range(max(h.warmup_steps // 2, 1)):
-                batches = None
-                if i < 4:  # vary the number of segments so each cu_seqlens bucket is seen
-                    batches = []
-                    for _ in range(h.grad_accum_steps):
-                        x, y, _, _ = self.loader.next_batch()
-                        cu = np.linspace(0, len(x), CU_SEQLENS_BUCKET * (i + 1)).astype(np.int32)
-                        batches.append((x, y, torch.from_numpy(cu).to(self.device), 0))
-                self.step(0, 0.0, batches)
-        model.looping = False
-        model.load_state_dict(snapshot[0])
-        self.opt.load_state_dict(snapshot[1])
-        self.ema.load_state_dict(snapshot[2])
-        self.loader.close()
-        self.loader = self.new_loader()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    def train(self, validate) -> dict:
-        """Train until the step or time budget ends; validate(step) -> (loss, bpb) is called at
-        step 0, every VAL_LOSS_EVERY steps and at the end (its time is not counted)."""
-        h, log, model = self.h, self.log, self.model
-        budget_ms = max(h.max_wallclock_seconds - h.gptq_reserve_seconds, 0) * 1000 if h.max_wallclock_seconds > 0 else None
-        tokens_per_step = h.train_batch_tokens
-        train_ms, step, stats = 0.0, 0, {"looping_at_step": None}
-        phase = {"steps": 0, "ms": 0.0}
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        while True:
-            final = step >= h.iterations or (budget_ms is not None and any_rank(train_ms >= budget_ms, self.device))
-            if step == 0 or final or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
-                val_loss, val_bpb = validate(step)
-                log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                    f"train_time:{train_ms:.0f}ms")
-                stats.update(final_val_loss=val_loss, final_val_bpb=val_bpb)
-            if final:
-                break
-            frac = train_ms / budget_ms if budget_ms else step / h.iterations
-            if not model.looping and h.num_loops > 0 and frac >= h.enable_looping_at:
-                model.looping = True
-                stats["looping_at_step"] = step
-                stats["before_looping"] = dict(phase)
-                phase = {"steps": 0, "ms": 0.0}
-                encoder, decoder = model.layer_order()
-                log(f"looping:on step:{step} encoder:{encoder} decoder:{decoder}")
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss = self.step(step, frac)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) * 1000
-            train_ms += dt
-            phase["steps"] += 1
-            phase["ms"] += dt
-            step += 1
-            if step <= 5 or step % h.train_log_every == 0:
-                ms_per_step = phase["ms"] / max(phase["steps"], 1)
-                eta = (budget_ms - train_ms) / 1000 if budget_ms else (h.iterations - step) * ms_per_step / 1000
-                log(f"step:{step}/{h.iterations} train_loss:{loss:.4f} lr_mult:{lr_multiplier(frac, h):.3f} "
-                    f"ms/step:{ms_per_step:.1f} tok/s:{tokens_per_step / ms_per_step * 1000:.0f} "
-                    f"elapsed:{train_ms / 1000:.1f}s eta:{max(eta, 0):.0f}s")
-        stats[("after_looping" if model.looping else "before_looping")] = dict(phase)
-        stats.update(steps=step, train_ms=train_ms)
-        if self.device.type == "cuda":
-            stats["peak_memory_mib"] = torch.cuda.max_memory_allocated() // 2**20
-        self.loader.close()
-        return stats
-
-
-# =============================================================================================
 #                                             MAIN
 # =============================================================================================
-# Order of a run: set up ranks -> check inputs -> build and compile -> warm up -> train -> EMA ->
-# write final_model.pt (nothing after this can lose the trained model) -> pre-quant eval ->
-# Hessians + GPTQ + compression -> size check -> quantized eval -> sliding window -> TTT ->
-# summary.json and submission.json. EVAL_ONLY_PATH enters after training with a saved model.
 
 
-def setup_distributed(h: Hyperparameters) -> torch.device:
-    if torch.cuda.is_available():
-        device = torch.device("cuda", h.local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
-    if h.distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
-                                timeout=datetime.timedelta(minutes=10))
-    return device
+# A run is a short sequence of phases, each a function below:
+#   start_run         ranks, the log header, input checks, validation data, the model and its graph
+#   train_phase       warm up, train within the budget, switch to the EMA weights, save final_model.pt
+#                     (skipped with EVAL_ONLY_PATH, which loads a checkpoint or an artifact instead)
+#   plan_artifact     decide which artifact is evaluated: one ArtifactPlan mode
+#   build_artifact    Hessians, GPTQ, compression and the size check, when the plan says "quantize"
+#   evaluate_artifact the quantized score, then the sliding window and TTT where enabled
+#   finish            final_score picks the submitted number; summary.json and submission.json
+# final_model.pt is written right after training, before anything that can fail, so no later
+# error loses the trained model: EVAL_ONLY_PATH resumes from it.
 
 
-def compile_for(device, fn, **kwargs):
-    """torch.compile on CUDA; eager on CPU, where compiling costs more than it saves."""
-    return torch.compile(fn, **kwargs) if device.type == "cuda" else fn
+class RunContext:
+    """What the phases of one run share: settings, device and ranks, the log, this file's source,
+    the one model and its compiled callable, the validation data, and the summary being filled."""
+
+    def __init__(self, h: Hyperparameters):
+        self.h = h
+        self.device = setup_distributed(h)
+        self.rank, self.world = _world()
+        self.log = Logger(os.path.join(h.artifact_dir, "train.log"), enabled=self.rank == 0)
+        self.source = script_source()
+        self.summary: dict = {"run_id": h.run_id, "world_size": self.world}
+        self.model = self.model_fn = self.luts = self.val_tokens = None
+
+    def evaluate(self, name: str) -> dict:
+        """Standard evaluation of the model as it is now (float or quantized weights)."""
+        self.model.eval()
+        return timed_score(self.log, name, lambda: eval_val(self.model_fn, self.val_tokens, self.h, self.luts,
+                                                             self.device))
 
 
-def load_checkpoint(path: str, model: GPT) -> None:
-    """Load a final_model.pt, naming any tensor whose name or shape does not match the model."""
-    state = torch.load(path, map_location="cpu")
-    expected = model.state_dict()
-    for name in sorted(set(expected) | set(state)):
-        if name not in state:
-            raise ConfigError(f"{path}: tensor {name} is missing; it was saved with other hyperparameters")
-        if name not in expected:
-            raise ConfigError(f"{path}: tensor {name} is not part of this model; check NUM_LAYERS and friends")
-        if state[name].shape != expected[name].shape:
-            raise ConfigError(f"{path}: tensor {name} has shape {tuple(state[name].shape)} but the current "
-                              f"hyperparameters give {tuple(expected[name].shape)}")
-    model.load_state_dict(state)
+def timed_score(log, name: str, score) -> dict:
+    """Run score() -> (val_loss, val_bpb), log it and return it with its time."""
+    t0 = time.perf_counter()
+    loss, bpb = score()
+    result = {"val_loss": loss, "val_bpb": bpb, "eval_seconds": time.perf_counter() - t0}
+    log(f"{name} val_loss:{loss:.5f} val_bpb:{bpb:.5f} eval:{result['eval_seconds']:.1f}s")
+    return result
 
 
-def run(h: Hyperparameters) -> dict:
-    device = setup_distributed(h)
-    rank, world = _world()
-    log = Logger(os.path.join(h.artifact_dir, "train.log"), enabled=rank == 0)
-    source = script_source()
+def start_run(h: Hyperparameters) -> RunContext:
+    ctx = RunContext(h)
+    log = ctx.log
     log("\n".join(f"{k}: {v}" for k, v in sorted(h.as_dict().items())), console=False)
-    log(source, console=False)
+    log(ctx.source, console=False)
     environment = environment_report()
     log(environment, console=False)
-    log(f"run_id:{h.run_id} artifact_dir:{h.artifact_dir} world_size:{world} grad_accum:{h.grad_accum_steps}")
-    eval_only_ptz = h.eval_only_path.endswith(".ptz")
+    ctx.summary["environment"] = environment.splitlines()[:2]
+    log(f"run_id:{h.run_id} artifact_dir:{h.artifact_dir} world_size:{ctx.world} grad_accum:{h.grad_accum_steps}")
     if h.eval_only_path and not os.path.isfile(h.eval_only_path):
         raise ConfigError(f"EVAL_ONLY_PATH={h.eval_only_path} does not exist")
-    check_data(h, need_train=not eval_only_ptz)
+    check_data(h, need_train=not h.eval_only_path.endswith(".ptz"))
     random.seed(h.seed)
     np.random.seed(h.seed)
     torch.manual_seed(h.seed)
     import sentencepiece as spm
-    luts = build_byte_luts(spm.SentencePieceProcessor(model_file=h.tokenizer_path), h.vocab_size, device)
-    val_tokens = load_validation_tokens(h.val_files, h.eval_seq_len)
-    log(f"val_tokens:{len(val_tokens) - 1} train_shards:{len(glob.glob(h.train_files))}")
-
+    ctx.luts = build_byte_luts(spm.SentencePieceProcessor(model_file=h.tokenizer_path), h.vocab_size, ctx.device)
+    ctx.val_tokens = load_validation_tokens(h.val_files, h.eval_seq_len)
+    log(f"val_tokens:{len(ctx.val_tokens) - 1} train_shards:{len(glob.glob(h.train_files))}")
     backend = pick_attention_backend(h.attn_backend)
-    log(f"attention_backend:{backend} fused_mlp:{h.fused_mlp and device.type == 'cuda' and triton is not None}")
-    model = build_model(h, device, backend)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    if device.type == "cuda":
+    log(f"attention_backend:{backend} fused_mlp:{h.fused_mlp and ctx.device.type == 'cuda' and triton is not None}")
+    ctx.model = build_model(h, ctx.device, backend)
+    log(f"model_params:{sum(p.numel() for p in ctx.model.parameters())}")
+    if ctx.device.type == "cuda":
         torch._dynamo.config.cache_size_limit = 16
     # One model object and one compiled callable for the whole run: training, evaluation (a
     # separate graph per train/eval mode and looping state) and the quantized model, whose
     # weights are loaded into the same tensors, so no graph is compiled twice.
-    model_fn = compile_for(device, model, dynamic=False, fullgraph=True)
-    summary = {"run_id": h.run_id, "world_size": world, "environment": environment.splitlines()[:2]}
+    ctx.model_fn = compile_for(ctx.device, ctx.model, dynamic=False, fullgraph=True)
     os.makedirs(h.artifact_dir, exist_ok=True)
-    ckpt_path = os.path.join(h.artifact_dir, "final_model.pt")
-    ptz_path = os.path.join(h.artifact_dir, "final_model.int6.ptz")
+    return ctx
 
-    def evaluate(name: str) -> dict:
-        model.eval()
-        t0 = time.perf_counter()
-        loss, bpb = eval_val(model_fn, val_tokens, h, luts, device)
-        result = {"val_loss": loss, "val_bpb": bpb, "eval_seconds": time.perf_counter() - t0}
-        log(f"{name} val_loss:{loss:.5f} val_bpb:{bpb:.5f} eval:{result['eval_seconds']:.1f}s")
-        return result
 
+def train_phase(ctx: RunContext) -> None:
+    h, log, model = ctx.h, ctx.log, ctx.model
+    trainer = Trainer(h, model, ctx.model_fn, ctx.device, log)
+    warmup_s = trainer.warm_up()
+    log(f"warmup_and_compile:{warmup_s:.1f}s")
+
+    def validate(step):
+        result = ctx.evaluate(f"step:{step}")
+        model.train()
+        return result["val_loss"], result["val_bpb"]
+
+    stats = trainer.train(validate)
+    ctx.summary.update(train=stats, warmup_seconds=warmup_s)
+    log(f"train_done steps:{stats['steps']} train_time:{stats['train_ms'] / 1000:.1f}s "
+        f"peak_memory:{stats.get('peak_memory_mib', 0)}MiB live_val_bpb:{stats['final_val_bpb']:.5f}")
+    trainer.ema.copy_to(model)
+    if ctx.rank == 0:
+        ckpt_path = os.path.join(h.artifact_dir, "final_model.pt")
+        torch.save(model.state_dict(), ckpt_path)
+        log(f"saved {ckpt_path} ({os.path.getsize(ckpt_path)} bytes)")
+
+
+class ArtifactPlan(NamedTuple):
+    """Which artifact a run evaluates, and where it comes from:
+    "quantize"       the float weights in memory (trained, or EVAL_ONLY_PATH's checkpoint) are
+                     quantized into ptz_path, inside ARTIFACT_DIR;
+    "reuse"          EVAL_ONLY_PATH is a checkpoint and the artifact beside it (ptz_path) fits;
+    "artifact_only"  EVAL_ONLY_PATH is the artifact itself: there are no float weights to score."""
+    mode: str
+    ptz_path: str
+
+
+def plan_artifact(h: Hyperparameters, source: str, log) -> ArtifactPlan:
+    """An existing artifact is used only if it fits the limit together with this file's code;
+    one beside a checkpoint that does not is replaced by quantizing again, a given one is refused."""
+    fresh = ArtifactPlan("quantize", os.path.join(h.artifact_dir, "final_model.int6.ptz"))
     if not h.eval_only_path:
-        trainer = Trainer(h, model, model_fn, device, log)
-        if device.type == "cuda":
-            trainer.opt.muon.orthogonalize = torch.compile(newton_schulz5)
-        warmup_s = trainer.warm_up()
-        log(f"warmup_and_compile:{warmup_s:.1f}s")
+        return fresh
+    given = h.eval_only_path.endswith(".ptz")
+    path = h.eval_only_path if given else os.path.join(os.path.dirname(os.path.abspath(h.eval_only_path)),
+                                                        "final_model.int6.ptz")
+    if not os.path.isfile(path):
+        return fresh
+    total = os.path.getsize(path) + len(minified_code_stub(source).encode("utf-8"))
+    if total <= h.artifact_limit_bytes:
+        log(f"using the existing artifact {path} ({total:,} bytes with the code)")
+        return ArtifactPlan("artifact_only" if given else "reuse", path)
+    if given:
+        check_artifact_size(total, h.artifact_limit_bytes, f"{path} with this file's code",
+                            fix="evaluate its final_model.pt with ARTIFACT_AUTOFIT=1 instead")
+    log(f"the artifact beside the checkpoint, {path}, is {total:,} bytes with the code: quantizing again")
+    return fresh
 
-        def validate(step):
-            result = evaluate(f"step:{step}")
-            model.train()
-            return result["val_loss"], result["val_bpb"]
 
-        stats = trainer.train(validate)
-        summary.update(train=stats, warmup_seconds=warmup_s)
-        log(f"train_done steps:{stats['steps']} train_time:{stats['train_ms'] / 1000:.1f}s "
-            f"peak_memory:{stats.get('peak_memory_mib', 0)}MiB live_val_bpb:{stats['final_val_bpb']:.5f}")
-        trainer.ema.copy_to(model)
-        if rank == 0:
-            torch.save(model.state_dict(), ckpt_path)
-            log(f"saved {ckpt_path} ({os.path.getsize(ckpt_path)} bytes)")
-    elif not eval_only_ptz:
-        load_checkpoint(h.eval_only_path, model)
-    model.looping = h.num_loops > 0
-    # An artifact given (EVAL_ONLY_PATH=*.ptz) or lying beside a given checkpoint is used only if
-    # it fits the limit with this code; otherwise the checkpoint is quantized again (into
-    # ARTIFACT_DIR), and a given artifact that does not fit is refused like a fresh one.
-    given = h.eval_only_path if eval_only_ptz else ""
-    if h.eval_only_path and not eval_only_ptz:
-        given = os.path.join(os.path.dirname(os.path.abspath(h.eval_only_path)), "final_model.int6.ptz")
-    use_given = False
-    if given and os.path.isfile(given):
-        total = os.path.getsize(given) + len(minified_code_stub(source).encode("utf-8"))
-        if total <= h.artifact_limit_bytes:
-            ptz_path, use_given = given, True
-            log(f"using the existing artifact {given} ({total:,} bytes with the code)")
-        elif eval_only_ptz:
-            raise ArtifactTooLarge(f"{given} is {total:,} bytes with the code, {total - h.artifact_limit_bytes:,} "
-                                   f"over ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes:,}; evaluate its final_model.pt "
-                                   f"with ARTIFACT_AUTOFIT=1 instead")
-        else:
-            log(f"the artifact beside the checkpoint, {given}, is {total:,} bytes with the code: quantizing again")
-    if not eval_only_ptz:
-        summary["prequant"] = evaluate("prequant (EMA weights)")
-        if not use_given:
-            summary["artifact"] = write_artifact(h, model, source, ptz_path, device, log, evaluate)
-            if any_rank(summary["artifact"]["total_bytes"] > h.artifact_limit_bytes, device):
-                if rank == 0:
-                    write_run_files(h, summary)
-                raise ArtifactTooLarge(summary["artifact"].get("refusal", "artifact over the limit: see rank 0's log"))
-    with open(ptz_path, "rb") as f:
-        load_artifact(f.read(), model)
-    summary["quantized"] = final = evaluate("quantized")
+def build_artifact(ctx: RunContext, ptz_path: str) -> None:
+    """write_artifact on every rank (they share the Hessian work); all ranks refuse together when
+    rank 0 finds the artifact over the limit, after summary.json records what was built."""
+    h = ctx.h
+    info = ctx.summary["artifact"] = write_artifact(h, ctx.model, ctx.source, ptz_path, ctx.device, ctx.log,
+                                                    ctx.evaluate)
+    if any_rank(info["total_bytes"] > h.artifact_limit_bytes, ctx.device):
+        if ctx.rank == 0:
+            write_run_files(h, ctx.summary)
+            check_artifact_size(info["total_bytes"], h.artifact_limit_bytes, info["report"])
+        raise ArtifactTooLarge("the artifact is over ARTIFACT_LIMIT_BYTES: see rank 0's log")
+
+
+def evaluate_artifact(ctx: RunContext, plan: ArtifactPlan) -> None:
+    h, summary = ctx.h, ctx.summary
+    with open(plan.ptz_path, "rb") as f:
+        load_artifact(f.read(), ctx.model)
+    summary["quantized"] = ctx.evaluate("quantized")
     if h.sliding_window_enabled:
-        t0 = time.perf_counter()
-        loss, bpb = eval_val_sliding(model_fn, val_tokens, h, luts, device, log)
-        summary["sliding"] = final = {"val_loss": loss, "val_bpb": bpb, "eval_seconds": time.perf_counter() - t0}
-        log(f"sliding_window val_loss:{loss:.5f} val_bpb:{bpb:.5f} eval:{time.perf_counter() - t0:.1f}s")
+        summary["sliding"] = timed_score(ctx.log, "sliding_window", lambda: eval_val_sliding(
+            ctx.model_fn, ctx.val_tokens, h, ctx.luts, ctx.device, ctx.log))
     if h.ttt_enabled:
-        # TTT runs eagerly: with finished documents dropped from each batch, the work is large
-        # batched matmuls, and compiling a dynamic-shape graph cost the record 2-3 minutes.
-        compile_s = warm_up_ttt(model, model, h, luts, device)
-        log(f"ttt_warmup:{compile_s:.1f}s (synthetic tokens)")
-        t0 = time.perf_counter()
-        loss, bpb = eval_val_ttt(model, model, val_tokens, h, luts, device, log)
-        ttt_s = time.perf_counter() - t0
-        summary["ttt"] = final = {"val_loss": loss, "val_bpb": bpb, "eval_seconds": ttt_s, "warmup_seconds": compile_s,
-                                  "doc_fraction": h.val_doc_fraction}
-        log(f"ttt val_loss:{loss:.5f} val_bpb:{bpb:.5f} eval:{ttt_s:.1f}s")
-        if h.val_doc_fraction < 1:  # the quantized score of the same sample, to measure the gain on it
-            base_loss, base_bpb = eval_val_ttt(model, model, val_tokens, h, luts, device, log, adapt=False)
-            summary["ttt"].update(sample_val_loss_without_ttt=base_loss, sample_val_bpb_without_ttt=base_bpb)
-            log(f"ttt sample without adaptation val_loss:{base_loss:.5f} val_bpb:{base_bpb:.5f} "
-                f"(TTT gain {bpb - base_bpb:+.5f} bpb)")
-        if ttt_s > 600:
-            log(f"WARNING: TTT evaluation took {ttt_s:.0f}s, over the challenge's 600s evaluation budget")
-    summary["final"] = final
-    if rank == 0:
-        write_run_files(h, summary)
-    log(f"final val_loss:{final['val_loss']:.5f} val_bpb:{final['val_bpb']:.5f}")
-    return summary
+        summary["ttt"] = evaluate_ttt(ctx)
+
+
+def evaluate_ttt(ctx: RunContext) -> dict:
+    """TTT on the quantized model, eagerly: with finished documents dropped from each batch the
+    work is large batched matmuls, and compiling a dynamic-shape graph cost the record minutes."""
+    h, log, model = ctx.h, ctx.log, ctx.model
+    warmup_s = warm_up_ttt(model, model, h, ctx.luts, ctx.device)
+    log(f"ttt_warmup:{warmup_s:.1f}s (synthetic tokens)")
+    result = timed_score(log, "ttt", lambda: eval_val_ttt(model, model, ctx.val_tokens, h, ctx.luts, ctx.device,
+                                                          log))
+    result.update(warmup_seconds=warmup_s, doc_fraction=h.val_doc_fraction)
+    if h.val_doc_fraction < 1:  # the quantized score of the same sample, to measure the gain on it
+        base_loss, base_bpb = eval_val_ttt(model, model, ctx.val_tokens, h, ctx.luts, ctx.device, log, adapt=False)
+        result.update(sample_val_loss_without_ttt=base_loss, sample_val_bpb_without_ttt=base_bpb)
+        log(f"ttt sample without adaptation val_loss:{base_loss:.5f} val_bpb:{base_bpb:.5f} "
+            f"(TTT gain {result['val_bpb'] - base_bpb:+.5f} bpb)")
+    total_s = warmup_s + result["eval_seconds"]
+    if total_s > 600:
+        log(f"WARNING: TTT warmup + evaluation took {total_s:.0f}s, over the challenge's 600s evaluation budget")
+    return result
+
+
+def final_score(summary: dict) -> dict:
+    """The submitted score, decided here only: TTT if it ran, else the sliding window, else the
+    standard evaluation of the quantized artifact."""
+    return next(summary[name] for name in ("ttt", "sliding", "quantized") if name in summary)
+
+
+def run(h: Hyperparameters) -> dict:
+    ctx = start_run(h)
+    if not h.eval_only_path:
+        train_phase(ctx)
+    elif not h.eval_only_path.endswith(".ptz"):
+        load_checkpoint(h.eval_only_path, ctx.model)
+    ctx.model.looping = h.num_loops > 0  # the model is evaluated and quantized as it ends training
+    plan = plan_artifact(h, ctx.source, ctx.log)
+    if plan.mode != "artifact_only":
+        ctx.summary["prequant"] = ctx.evaluate("prequant (EMA weights)")
+    if plan.mode == "quantize":
+        build_artifact(ctx, plan.ptz_path)
+    evaluate_artifact(ctx, plan)
+    final = ctx.summary["final"] = final_score(ctx.summary)
+    if ctx.rank == 0:
+        write_run_files(h, ctx.summary)
+    ctx.log(f"final val_loss:{final['val_loss']:.5f} val_bpb:{final['val_bpb']:.5f}")
+    return ctx.summary
 
 
 def write_run_files(h: Hyperparameters, summary: dict) -> None:

@@ -178,3 +178,10 @@ def make_hparams(tiny_dataset, tmp_path_factory):
         return Hyperparameters(env=env)
 
     return make
+
+
+def one_line(e) -> str:
+    """The message of a pytest.raises ExceptionInfo, checked to be a single line."""
+    message = str(e.value)
+    assert "\n" not in message
+    return message

@@ -49,10 +49,10 @@ def _run_checks():
         w_down = torch.randn(D, H, generator=gen) / H**0.5
         shape = f"{M}x{D}x{H}"
         pre_ref = x @ w_up.T
-        pre, post = tg.linear_lrelu_sq(x, w_up)
+        pre, post = tg.fused_mlp_up(x, w_up)
         results[f"kernel forward {shape}"] = {
             "pre": err(pre, pre_ref), "post": err(post, F.leaky_relu(pre_ref, 0.5).square())}
-        dpre = tg.linear_lrelu_sq(grad, w_down.T.contiguous(), aux=pre_ref)
+        dpre = tg.fused_mlp_up(grad, w_down.T.contiguous(), aux=pre_ref)
         results[f"kernel backward {shape}"] = {
             "dpre": err(dpre, (grad @ w_down) * torch.where(pre_ref > 0, 2 * pre_ref, 0.5 * pre_ref))}
         # leading dims are flattened and restored: feed [2, M/2, D] where M is even

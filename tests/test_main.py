@@ -198,4 +198,4 @@ def test_an_existing_artifact_over_the_limit_is_not_used(trained_run, tiny_datas
                                       ARTIFACT_LIMIT_BYTES=limit))
     assert code == 3
     err = capsys.readouterr().err
-    assert "over ARTIFACT_LIMIT_BYTES=20,000" in err
+    assert "over the 20,000-byte limit" in err and "ARTIFACT_AUTOFIT=1" in err

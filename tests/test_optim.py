@@ -1,19 +1,15 @@
-"""OPTIMIZERS and TRAINING LOOP: Muon against a plain single-matrix implementation, gradient
-synchronisation over 2 gloo processes (sharded Muon, packed small-tensor all-reduce) against one
-process with gradient accumulation, the warmup rollback, the wall-clock stop, the bias-corrected
-EMA and the LR / momentum schedules.
+"""OPTIMIZERS AND EMA: Muon against a plain single-matrix implementation, gradient synchronisation
+over 2 gloo processes (sharded Muon, packed small-tensor all-reduce) against one process with
+gradient accumulation, the schedule reaching every optimizer, and the bias-corrected EMA.
 
 CPU only. The 2-process checks start this file as a script twice (RANK 0 and 1, gloo on
 127.0.0.1); their results come back through torch.save files.
 Run: python3 -m pytest -q tests/test_optim.py
 """
-import copy
 import math
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -21,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import train_gpt as tg
+from tests.evalkit import _free_port, one_thread  # noqa: F401  (autouse: one CPU thread)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,16 +31,6 @@ DIST_ENV = {
 }
 DIST_STEPS = 3
 HALF_TOKENS = 96  # tokens per rank (per half of the global batch) and step
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU models run fastest on one thread, and two OpenMP threads on a busy 2-core machine
-    can make a step 50x slower: the wall-clock test needs steps of predictable length."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,12 +256,6 @@ def _worker_main(out_path: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Runs this file as 2 gloo ranks; returns [rank 0 results, rank 1 results]."""
@@ -340,108 +321,7 @@ def test_packed_all_reduce_averages_every_replicated_gradient(two_ranks):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training loop: warmup rollback, wall-clock stop
-# ---------------------------------------------------------------------------------------------
-
-
-def _quiet(*args, **kwargs):
-    pass
-
-
-def test_warm_up_restores_the_initial_state(make_hparams):
-    # 8 micro-steps of one 32-token row per step: short, and the warmup's cu_seqlens of 64 and 128
-    # boundaries then also hold many zero-length segments
-    h = make_hparams(WARMUP_STEPS=4, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256)
-    assert h.grad_accum_steps == 8 and h.local_batch_tokens == 32
-    torch.manual_seed(h.seed)
-    device = torch.device("cpu")
-    model = tg.build_model(h, device)
-    trainer = tg.Trainer(h, model, model, device, _quiet)
-    model_state = copy.deepcopy(model.state_dict())
-    opt_state = copy.deepcopy(trainer.opt.state_dict())
-    ema_state = trainer.ema.state_dict()
-    fresh = trainer.new_loader()
-    first = [fresh.next_batch() for _ in range(3)]
-    fresh.close()
-
-    seen = []
-    step = trainer.step
-
-    def counting_step(*args, **kwargs):
-        loss = step(*args, **kwargs)
-        seen.append((model.looping, not torch.equal(model.qo_bank, model_state["qo_bank"]), trainer.ema.steps))
-        return loss
-
-    trainer.step = counting_step
-    trainer.warm_up()
-    assert [s[0] for s in seen] == [False, False, True, True]
-    assert all(s[1] for s in seen) and seen[-1][2] == 4  # it did train (and averaged) during the warmup
-
-    assert model.looping is False
-    state = model.state_dict()
-    assert list(state) == list(model_state)
-    for name, t in model_state.items():
-        assert state[name].dtype == t.dtype and torch.equal(state[name], t), name
-    for opt, saved in zip(trainer.opt.all, opt_state):
-        assert len(opt.state) == 0  # no momentum / Adam moments survive
-        now = opt.state_dict()
-        assert now["state"] == {} and now["param_groups"] == saved["param_groups"]
-    assert trainer.ema.steps == 0
-    for name, s in trainer.ema.shadow.items():
-        assert torch.equal(s, ema_state["shadow"][name]), name
-    for want in first:  # the data restarts where a fresh run starts
-        got = trainer.loader.next_batch()
-        assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3])) and got[3] == want[3]
-    trainer.loader.close()
-
-
-def test_train_lowers_the_loss_and_stops_on_the_wallclock(make_hparams):
-    budget_s = 3.0
-    h = make_hparams(MAX_WALLCLOCK_SECONDS=budget_s, GPTQ_RESERVE_SECONDS=0, ITERATIONS=100_000, VAL_LOSS_EVERY=0,
-                     TRAIN_LOG_EVERY=100_000, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256)
-    torch.manual_seed(h.seed)
-    device = torch.device("cpu")
-    model = tg.build_model(h, device)
-    trainer = tg.Trainer(h, model, model, device, _quiet)
-    val = tg.load_validation_tokens(h.val_files, 64)[:513]
-    cu = torch.from_numpy(tg.build_cu_seqlens(val[:-1].numpy(), 64)[0])
-    validated = []
-
-    def validate(step):
-        model.eval()
-        with torch.no_grad():
-            loss = model(val[:-1], val[1:], cu, 64).mean().item()
-        model.train()
-        validated.append((step, loss))
-        return loss, loss
-
-    step_ms = []
-    step = trainer.step
-
-    def timed_step(*args, **kwargs):
-        t0 = time.perf_counter()
-        loss = step(*args, **kwargs)
-        step_ms.append((time.perf_counter() - t0) * 1000)
-        return loss
-
-    trainer.step = timed_step
-    stats = trainer.train(validate)
-    budget_ms = budget_s * 1000
-    info = (stats, step_ms, validated)
-    assert stats["steps"] == len(step_ms) and 3 <= stats["steps"] < h.iterations, info
-    assert [s for s, _ in validated] == [0, stats["steps"]]
-    # it stops at the first check after the budget is spent: within budget + one step
-    assert budget_ms <= stats["train_ms"] <= budget_ms + max(step_ms) + 1, info
-    assert stats["train_ms"] - step_ms[-1] < budget_ms, info
-    assert abs(stats["train_ms"] - sum(step_ms)) < 0.05 * budget_ms, info  # validation time is not counted
-    assert stats["looping_at_step"] is not None and stats["looping_at_step"] > 0, info  # at 35% of the budget
-    first, last = validated[0][1], validated[-1][1]
-    assert abs(first - math.log(h.vocab_size)) < 0.1, info
-    assert last < first - 0.3, info
-
-
-# ---------------------------------------------------------------------------------------------
-# EMA and schedules
+# EMA and the optimizers' schedule hook
 # ---------------------------------------------------------------------------------------------
 
 
@@ -505,36 +385,6 @@ def test_ema_of_bf16_weights_is_kept_in_fp32():
     ema.update(model)
     ema.copy_to(model)
     assert model.weight.dtype == torch.bfloat16
-
-
-def test_lr_multiplier_schedule():
-    h = tg.Hyperparameters(env={})
-    assert h.warmdown_frac == 0.72 and h.min_lr == 0.0
-    for frac in (0.0, 0.1, 0.279):
-        assert tg.lr_multiplier(frac, h) == 1.0
-    for frac in (0.28, 0.4, 0.64, 0.9, 1.0):
-        assert tg.lr_multiplier(frac, h) == pytest.approx((1 - frac) / 0.72)
-    assert tg.lr_multiplier(0.64, h) == pytest.approx(0.5)
-    assert tg.lr_multiplier(1.0, h) == 0.0 and tg.lr_multiplier(1.2, h) == 0.0  # never negative
-    # continuous where the warmdown starts, monotone after
-    values = [tg.lr_multiplier(f / 1000, h) for f in range(1001)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
-    assert max(abs(a - b) for a, b in zip(values, values[1:])) < 0.002
-    h = tg.Hyperparameters(env={"MIN_LR": "0.1", "WARMDOWN_FRAC": "0.5"})
-    assert tg.lr_multiplier(0.49, h) == 1.0
-    assert tg.lr_multiplier(0.7, h) == pytest.approx(0.6)
-    assert tg.lr_multiplier(0.97, h) == pytest.approx(0.1) and tg.lr_multiplier(1.0, h) == pytest.approx(0.1)
-
-
-def test_muon_momentum_warmup():
-    h = tg.Hyperparameters(env={})
-    assert tg.muon_momentum_at(0, h) == pytest.approx(0.92)
-    assert tg.muon_momentum_at(750, h) == pytest.approx(0.945)
-    assert tg.muon_momentum_at(1500, h) == pytest.approx(0.97)
-    assert tg.muon_momentum_at(5000, h) == pytest.approx(0.97)
-    values = [tg.muon_momentum_at(s, h) for s in range(0, 1600, 10)]
-    assert all(a <= b for a, b in zip(values, values[1:]))
-    assert tg.muon_momentum_at(3, tg.Hyperparameters(env={"MUON_MOMENTUM_WARMUP_STEPS": "0"})) == pytest.approx(0.97)
 
 
 def test_schedule_reaches_every_optimizer():

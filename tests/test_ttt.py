@@ -1,9 +1,9 @@
-"""Per-document score-first LoRA test-time training (train_gpt.py TTT section; spec §8.3).
+"""TEST-TIME TRAINING: per-document score-first LoRA adaptation (train_gpt.py TTT section).
 
-Documents, batches and chunk windows are checked against the spec's definitions; the TTT numbers
+Documents, batches and chunk windows are checked against their definitions; the TTT numbers
 against references computed here, on a tiny fp32 model with random weights (tests/evalkit.py).
 To see what TTT scores, a recording model_fn keeps each chunk forward's per-token losses, and
-per_target_losses() maps them back to (document, target position) with the spec's window rule;
+per_target_losses() maps them back to (document, target position) with the window rule of ttt_chunk_inputs;
 that map is checked to add up to exactly what ttt_batch returns. CPU only; the 2-rank tests
 start two gloo processes. Run: python3 -m pytest -q tests/test_ttt.py
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from tests.evalkit import (CPU, SumsSpy, doc_stream, docs_of_lengths, hparams, make_model,
+from tests.evalkit import (CPU, SumsSpy, doc_stream, docs_of_lengths, make_model,
                            run_two_ranks, stream_bytes)
 from tests.evalkit import one_thread, setup  # noqa: F401  (fixtures shared with test_eval.py)
 
@@ -117,14 +117,6 @@ def test_ttt_chunk_inputs_windows_and_coverage(window):
             covered[i][scored_at] += 1
     for c in covered:
         assert torch.equal(c, torch.ones_like(c))
-
-
-def test_ttt_window_shorter_than_a_chunk_is_a_config_error(make_hparams):
-    """With TTT_EVAL_SEQ_LEN < TTT_CHUNK_SIZE a chunk's first targets fall outside its window and
-    are never scored (the bpb silently covers fewer tokens)."""
-    with pytest.raises(tg.ConfigError, match="TTT_EVAL_SEQ_LEN"):
-        hparams(make_hparams, TTT_EVAL_SEQ_LEN=4, TTT_CHUNK_SIZE=8)
-    assert hparams(make_hparams, TTT_EVAL_SEQ_LEN=8, TTT_CHUNK_SIZE=8).ttt_eval_seq_len == 8  # equal is fine
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def accuracy():
         names = ("out", "dx", "dw_up", "dw_down")
         res = {n: (_rel(f, r), _rel(e, r)) for n, f, e, r in zip(names, fused, eager, ref)}
         del ref, eager, fused
-        pre, post = tg.linear_lrelu_sq(x, w_up)
+        pre, post = tg.fused_mlp_up(x, w_up)
         pre_ref = x.double() @ w_up.double().T
         res["pre"] = (_rel(pre, pre_ref), _rel(F.linear(x, w_up), pre_ref))
         res["post"] = (_rel(post, F.leaky_relu(pre, 0.5).square()), None)
@@ -165,10 +165,10 @@ def test_pointer_path_matches_tma_path():
         pytest.skip("TMA path is Hopper only")
     x, w_up, w_down, grad = _inputs()
     x, grad = x[:10_000], grad[:10_000]  # M not a multiple of 128
-    pre_t, post_t = tg.linear_lrelu_sq(x, w_up, use_tma=True)
-    pre_p, post_p = tg.linear_lrelu_sq(x, w_up, use_tma=False)
-    dpre_t = tg.linear_lrelu_sq(grad, w_down.T.contiguous(), aux=pre_t, use_tma=True)
-    dpre_p = tg.linear_lrelu_sq(grad, w_down.T.contiguous(), aux=pre_t, use_tma=False)
+    pre_t, post_t = tg.fused_mlp_up(x, w_up, use_tma=True)
+    pre_p, post_p = tg.fused_mlp_up(x, w_up, use_tma=False)
+    dpre_t = tg.fused_mlp_up(grad, w_down.T.contiguous(), aux=pre_t, use_tma=True)
+    dpre_p = tg.fused_mlp_up(grad, w_down.T.contiguous(), aux=pre_t, use_tma=False)
     for name, a, b in (("pre", pre_t, pre_p), ("post", post_t, post_p), ("dpre", dpre_t, dpre_p)):
         print(f"{name}: TMA vs pointer path rel {_rel(a, b):.2e}")
         assert _rel(a, b) <= 1e-2, name

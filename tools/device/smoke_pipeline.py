@@ -1,4 +1,4 @@
-"""GPU smoke test of the whole pipeline on a small dataset (see tests/gpu/device/README.md)."""
+"""GPU smoke test of the whole pipeline on a small dataset (see tools/device/README.md)."""
 import os, sys, time, torch
 sys.path.insert(0, os.getcwd())  # run from the repo root
 import train_gpt as tg

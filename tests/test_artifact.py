@@ -1,6 +1,7 @@
-"""Quantization and artifact: GPTQ, the quantized state dict, serialization, code size, autofit.
+"""ARTIFACT: per-layer naming of the banks, Hessian collection, GPTQ, the quantized state dict,
+serialization, the counted code stub, the size check and autofit, and write_artifact end to end.
 
-CPU only and fast. Run: python3 -m pytest -q tests/test_quant.py
+CPU only and fast. Run: python3 -m pytest -q tests/test_artifact.py
 """
 import math
 import os
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from tests.test_model import tiny_model
 
 
 def correlated_hessian(cols: int, n: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -261,3 +263,126 @@ def test_autofit_keeps_a_fitting_artifact_and_gives_up_loudly():
     assert tg.autofit_clip_factor(lambda f: 100, 100) == (1.0, 100)
     with pytest.raises(tg.ArtifactTooLarge, match="x1.5"):
         tg.autofit_clip_factor(lambda f: 200 - int(10 * f), 100)
+
+
+def test_unbank_rebank_round_trip():
+    model = tiny_model()
+    L, D, kv, hidden = 4, 64, 32, 128
+    state = model.state_dict()
+    flat = tg.unbank_state(state, L)
+    assert not any(k.endswith("_bank") for k in flat)
+    for i in range(L):
+        for name, bank, index, shape in (("attn.c_q", "qo_bank", i, (D, D)), ("attn.proj", "qo_bank", L + i, (D, D)),
+                                         ("attn.c_k", "kv_bank", i, (kv, D)), ("attn.c_v", "kv_bank", L + i, (kv, D)),
+                                         ("mlp.fc", "mlp_up_bank", i, (hidden, D)),
+                                         ("mlp.proj", "mlp_down_bank", i, (D, hidden))):
+            w = flat[f"blocks.{i}.{name}.weight"]
+            assert w.shape == shape and torch.equal(w, state[bank][index]), (i, name)
+    assert len(flat) == len(state) - 4 + 6 * L
+    for k in state:
+        if not k.endswith("_bank"):
+            assert flat[k] is state[k]
+    back = tg.rebank_state(flat, L)
+    assert set(back) == set(state)
+    for k in state:
+        assert back[k].dtype == state[k].dtype and torch.equal(back[k], state[k]), k
+    fresh = tiny_model(seed=1)
+    fresh.load_state_dict(back)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def test_weights_reading_names_every_quantized_matrix():
+    model = tiny_model()
+    names = set(tg.unbank_state(model.state_dict(), model.num_layers))
+    keys = ["tok_emb"] + [f"blocks.{i}.{k}" for i in range(4) for k in ("attn.c_qkv", "attn.proj", "mlp.fc", "mlp.proj")]
+    read = [n for key in keys for n in tg.weights_reading(key)]
+    assert len(read) == len(set(read)) and set(read) == {n for n in names if n.endswith(".weight") and "blocks." in n} | {
+        "tok_emb.weight"}
+
+
+def test_collect_hessians_is_the_mean_input_gram_matrix(make_hparams):
+    h = make_hparams(GPTQ_CALIBRATION_BATCHES=3)
+    torch.manual_seed(0)
+    model = tg.build_model(h, torch.device("cpu"))
+    model.looping = True
+    model.train()
+    H = tg.collect_hessians(model, h, torch.device("cpu"))
+    assert model.capture is None and model.training  # the model is handed back as it came
+    flat = tg.unbank_state(model.state_dict(), h.num_layers)
+    assert set(H) == {n for n in flat if n.startswith("blocks.")} | {"tok_emb.weight"}
+    for i in range(h.num_layers):  # Q, K and V read one input: one matrix, shared
+        assert H[f"blocks.{i}.attn.c_q.weight"] is H[f"blocks.{i}.attn.c_k.weight"] is H[f"blocks.{i}.attn.c_v.weight"]
+    for name, m in H.items():
+        assert m.shape == (flat[name].size(1),) * 2 and torch.allclose(m, m.T), name
+        assert torch.linalg.eigvalsh(m.double()).min() > -1e-6 * m.diagonal().max(), name
+    # the tied head's Hessian from the same calibration windows, by hand
+    loader = tg.ShuffledSequenceLoader(h.train_files, h.train_seq_len)
+    want = torch.zeros(h.model_dim, h.model_dim)
+    model.eval()
+    with torch.no_grad():
+        for _ in range(3):
+            x, _ = loader.next_batch(h.local_batch_tokens // h.train_seq_len)
+            hid = model.hidden(x).reshape(-1, h.model_dim)
+            want += hid.T @ hid
+    assert torch.allclose(H["tok_emb.weight"], want / 3, rtol=1e-4, atol=1e-5)
+
+
+def test_write_artifact_writes_what_it_counts(make_hparams):
+    # MODEL_DIM 256: the MLP matrices (512 x 256) go through int6 GPTQ, the embedding through int8, the rest fp16
+    h = make_hparams(MODEL_DIM=256, COMPRESSOR="lzma")
+    torch.manual_seed(0)
+    model = tg.build_model(h, torch.device("cpu"))
+    model.looping = True
+    ptz = os.path.join(h.artifact_dir, "final_model.int6.ptz")
+    info = tg.write_artifact(h, model, "x = 1\n", ptz, torch.device("cpu"), _quiet, None)
+    stub = os.path.join(h.artifact_dir, "train_gpt.min.py")
+    assert os.path.getsize(ptz) == info["model_bytes"] and os.path.getsize(stub) == info["code_bytes"]
+    assert info["total_bytes"] == info["model_bytes"] + info["code_bytes"] <= h.artifact_limit_bytes
+    assert "under" in info["report"] and "gptq (int6)" in info["report"]
+    with open(ptz, "rb") as f:
+        w, meta = tg.deserialize_quantized(f.read())
+    assert {n for n, m in meta.items() if m["tag"] == "gptq (int6)"} == {
+        f"blocks.{i}.mlp.{k}.weight" for i in range(h.num_layers) for k in ("fc", "proj")}
+    fresh = tg.build_model(h, torch.device("cpu"))
+    with open(ptz, "rb") as f:
+        tg.load_artifact(f.read(), fresh)
+    original = model.state_dict()
+    for name, t in fresh.state_dict().items():  # the loaded model is the quantized one, tensor by tensor
+        if not original[name].abs().max() > 0:  # zero-initialised (O, MLP-down) stay zero
+            assert not t.abs().max() > 0, name
+            continue
+        err = (t.float() - original[name].float()).pow(2).mean().sqrt() / original[name].float().pow(2).mean().sqrt()
+        if name in ("mlp_up_bank", "mlp_down_bank", "tok_emb.weight"):  # GPTQ int6 / int8: rounded, a little
+            assert 0 < err < 0.25, (name, err)
+        else:  # fp16 passthrough
+            assert err < 1e-3, (name, err)
+
+
+def test_write_artifact_over_the_limit_writes_it_and_autofit_makes_it_fit(make_hparams):
+    h = make_hparams(MODEL_DIM=256, COMPRESSOR="lzma")
+    torch.manual_seed(0)
+    model = tg.build_model(h, torch.device("cpu"))
+    device, ptz = torch.device("cpu"), os.path.join(h.artifact_dir, "a.ptz")
+    total = tg.write_artifact(h, model, "x = 1\n", ptz, device, _quiet, None)["total_bytes"]
+    tight = make_hparams(MODEL_DIM=256, COMPRESSOR="lzma", ARTIFACT_LIMIT_BYTES=total - 2000)
+    over = tg.write_artifact(tight, model, "x = 1\n", ptz, device, _quiet, None)
+    assert over["total_bytes"] == total > tight.artifact_limit_bytes and os.path.getsize(ptz) == over["model_bytes"]
+    assert "OVER" in over["report"]
+    with pytest.raises(tg.ArtifactTooLarge, match="ARTIFACT_AUTOFIT=1"):
+        tg.check_artifact_size(over["total_bytes"], tight.artifact_limit_bytes, over["report"])
+    scored = []
+
+    def evaluate(name):
+        scored.append(name)
+        return {"val_bpb": float(len(scored))}
+
+    fit = make_hparams(MODEL_DIM=256, COMPRESSOR="lzma", ARTIFACT_LIMIT_BYTES=total - 2000, ARTIFACT_AUTOFIT=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = tg.write_artifact(fit, model, "x = 1\n", ptz, device, _quiet, evaluate)
+    assert info["total_bytes"] <= fit.artifact_limit_bytes and info["autofit_clip_factor"] > 1
+    assert len(scored) == 2 and info["autofit_bpb_cost"] == 1.0  # scored at x1 and at the factor found
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights handed back

@@ -1,6 +1,6 @@
-"""Measurements behind the choices in train_gpt.py (QUANTIZATION AND ARTIFACT) (not part of train_gpt.py).
+"""Measurements behind the serialization choices in train_gpt.py's ARTIFACT section.
 
-    python3 tests/bench/bench_quant.py REPO_ROOT [single]
+    python3 tools/bench_quant.py REPO_ROOT [single]
 
 Builds a realistic quantized state (11 layers x {c_q, c_k, c_v, proj, fc, mlp proj} at int6, 12.85
 sigma, an 8192x512 int8 embedding at 20 sigma, small fp16 tensors) from Gaussian weights and
