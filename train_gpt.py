@@ -74,18 +74,32 @@ class ConfigError(Exception):
     """A problem with the run's inputs; main() prints it as one line and exits non-zero."""
 
 
+# Allowed values, by the short codes Hyperparameters.__init__ gives each variable.
+RANGES = {"0/1": (lambda v: v in (0, 1), "0 or 1"), ">=0": (lambda v: v >= 0, "at least 0"),
+          ">=1": (lambda v: v >= 1, "at least 1"), ">0": (lambda v: v > 0, "positive"),
+          "0..1": (lambda v: 0 <= v <= 1, "between 0 and 1"), "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)")}
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
 class Hyperparameters:
     def __init__(self, env: dict | None = None):
         env = os.environ if env is None else env
+        self._defaults: dict = {}  # every variable read, in order: name -> default (for --help)
+        self._given: dict = {}  # the variables set in env: name -> value
 
-        def get(name, default):
+        def get(name, default, allowed=""):
+            self._defaults[name] = default
             raw = env.get(name)
             if raw is None or raw == "":
                 return default
             try:
-                return type(default)(raw)
+                value = type(default)(raw)
             except ValueError:
                 raise ConfigError(f"{name}={raw!r} is not a valid {type(default).__name__}") from None
+            if allowed and not RANGES[allowed][0](value):
+                raise ConfigError(f"{name}={raw} must be {RANGES[allowed][1]}")
+            self._given[name] = value
+            return value
 
         # data, run identity and outputs
         self.data_dir = get("DATA_DIR", "./data/")
@@ -94,97 +108,101 @@ class Hyperparameters:
         self.artifact_dir = get("ARTIFACT_DIR", "") or os.path.join("runs", self.run_id)
         self.eval_only_path = get("EVAL_ONLY_PATH", "")  # a final_model.pt or final_model.int6.ptz
         # schedule (time-based: the budget, not the step count, ends training)
-        self.iterations = get("ITERATIONS", 20000)
-        self.warmdown_frac = get("WARMDOWN_FRAC", 0.72)
-        self.warmup_steps = get("WARMUP_STEPS", 20)  # compile-warmup steps, rolled back afterwards
-        self.train_batch_tokens = get("TRAIN_BATCH_TOKENS", 786432)
-        self.train_seq_len = get("TRAIN_SEQ_LEN", 2048)  # longest document segment in a packed row
-        self.train_log_every = get("TRAIN_LOG_EVERY", 500)
-        self.max_wallclock_seconds = get("MAX_WALLCLOCK_SECONDS", 600.0)  # 0: no cap
-        self.val_batch_tokens = get("VAL_BATCH_TOKENS", 524288)
-        self.eval_seq_len = get("EVAL_SEQ_LEN", 2048)
-        self.val_loss_every = get("VAL_LOSS_EVERY", 4000)
-        self.sliding_window_enabled = bool(get("SLIDING_WINDOW_ENABLED", 0))
+        self.iterations = get("ITERATIONS", 20000, ">=1")
+        self.warmdown_frac = get("WARMDOWN_FRAC", 0.72, "0..1")
+        self.warmup_steps = get("WARMUP_STEPS", 20, ">=0")  # compile-warmup steps, rolled back afterwards
+        self.train_batch_tokens = get("TRAIN_BATCH_TOKENS", 786432, ">=1")
+        self.train_seq_len = get("TRAIN_SEQ_LEN", 2048, ">=1")  # longest document segment in a packed row
+        self.train_log_every = get("TRAIN_LOG_EVERY", 500, ">=1")
+        self.max_wallclock_seconds = get("MAX_WALLCLOCK_SECONDS", 600.0, ">=0")  # 0: no cap
+        self.val_batch_tokens = get("VAL_BATCH_TOKENS", 524288, ">=1")
+        self.eval_seq_len = get("EVAL_SEQ_LEN", 2048, ">=1")
+        self.val_loss_every = get("VAL_LOSS_EVERY", 4000, ">=0")  # 0: only at the end of training
+        self.sliding_window_enabled = bool(get("SLIDING_WINDOW_ENABLED", 0, "0/1"))
         self.eval_stride = get("EVAL_STRIDE", 64)
         # model
-        self.vocab_size = get("VOCAB_SIZE", 8192)
-        self.num_layers = get("NUM_LAYERS", 11)
-        self.xsa_last_n = get("XSA_LAST_N", 11)
-        self.model_dim = get("MODEL_DIM", 512)
-        self.num_kv_heads = get("NUM_KV_HEADS", 4)
-        self.num_heads = get("NUM_HEADS", 8)
-        self.mlp_mult = get("MLP_MULT", 4.0)
-        self.skip_gates_enabled = bool(get("SKIP_GATES_ENABLED", 1))
-        self.logit_softcap = get("LOGIT_SOFTCAP", 30.0)
-        self.rope_base = get("ROPE_BASE", 10000.0)
-        self.rope_dims = get("ROPE_DIMS", 16)
-        self.ln_scale = bool(get("LN_SCALE", 1))
+        self.vocab_size = get("VOCAB_SIZE", 8192, ">=1")
+        self.num_layers = get("NUM_LAYERS", 11, ">=1")
+        self.xsa_last_n = get("XSA_LAST_N", 11, ">=0")
+        self.model_dim = get("MODEL_DIM", 512, ">=1")
+        self.num_kv_heads = get("NUM_KV_HEADS", 4, ">=1")
+        self.num_heads = get("NUM_HEADS", 8, ">=1")
+        self.mlp_mult = get("MLP_MULT", 4.0, ">0")
+        self.skip_gates_enabled = bool(get("SKIP_GATES_ENABLED", 1, "0/1"))
+        self.logit_softcap = get("LOGIT_SOFTCAP", 30.0, ">0")
+        self.rope_base = get("ROPE_BASE", 10000.0, ">0")
+        self.rope_dims = get("ROPE_DIMS", 16, ">=0")
+        self.ln_scale = bool(get("LN_SCALE", 1, "0/1"))
         self.qk_gain_init = get("QK_GAIN_INIT", 5.0)
-        self.num_loops = get("NUM_LOOPS", 2)
+        self.num_loops = get("NUM_LOOPS", 2, ">=0")
         self.loop_start = get("LOOP_START", 3)
         self.loop_end = get("LOOP_END", 5)
-        self.enable_looping_at = get("ENABLE_LOOPING_AT", 0.35)
-        self.parallel_start_layer = get("PARALLEL_START_LAYER", 8)
+        self.enable_looping_at = get("ENABLE_LOOPING_AT", 0.35, "0..1")
+        self.parallel_start_layer = get("PARALLEL_START_LAYER", 8, ">=0")
         self.parallel_final_lane = get("PARALLEL_FINAL_LANE", "mean")
-        self.tied_embed_init_std = get("TIED_EMBED_INIT_STD", 0.005)
+        self.tied_embed_init_std = get("TIED_EMBED_INIT_STD", 0.005, ">=0")
         self.attn_backend = get("ATTN_BACKEND", "")  # fa3 | varlen | sdpa; empty: best available
-        self.fused_mlp = bool(get("FUSED_MLP", 1))
+        self.fused_mlp = bool(get("FUSED_MLP", 1, "0/1"))
         # optimizers
-        self.min_lr = get("MIN_LR", 0.0)
-        self.tied_embed_lr = get("TIED_EMBED_LR", 0.03)
-        self.matrix_lr = get("MATRIX_LR", 0.022)
-        self.scalar_lr = get("SCALAR_LR", 0.02)
-        self.muon_momentum = get("MUON_MOMENTUM", 0.97)
-        self.muon_backend_steps = get("MUON_BACKEND_STEPS", 5)
-        self.muon_momentum_warmup_start = get("MUON_MOMENTUM_WARMUP_START", 0.92)
-        self.muon_momentum_warmup_steps = get("MUON_MOMENTUM_WARMUP_STEPS", 1500)
-        self.muon_row_normalize = bool(get("MUON_ROW_NORMALIZE", 1))
-        self.beta1 = get("BETA1", 0.9)
-        self.beta2 = get("BETA2", 0.95)
-        self.adam_eps = get("ADAM_EPS", 1e-8)
-        self.grad_clip_norm = get("GRAD_CLIP_NORM", 0.3)  # 0 disables
-        self.adam_wd = get("ADAM_WD", 0.02)
-        self.muon_wd = get("MUON_WD", 0.095)
-        self.embed_wd = get("EMBED_WD", 0.085)
-        self.ema_decay = get("EMA_DECAY", 0.9965)
+        self.min_lr = get("MIN_LR", 0.0, "0..1")
+        self.tied_embed_lr = get("TIED_EMBED_LR", 0.03, ">=0")
+        self.matrix_lr = get("MATRIX_LR", 0.022, ">=0")
+        self.scalar_lr = get("SCALAR_LR", 0.02, ">=0")
+        self.muon_momentum = get("MUON_MOMENTUM", 0.97, "[0,1)")
+        self.muon_backend_steps = get("MUON_BACKEND_STEPS", 5, ">=0")
+        self.muon_momentum_warmup_start = get("MUON_MOMENTUM_WARMUP_START", 0.92, "[0,1)")
+        self.muon_momentum_warmup_steps = get("MUON_MOMENTUM_WARMUP_STEPS", 1500, ">=0")
+        self.muon_row_normalize = bool(get("MUON_ROW_NORMALIZE", 1, "0/1"))
+        self.beta1 = get("BETA1", 0.9, "[0,1)")
+        self.beta2 = get("BETA2", 0.95, "[0,1)")
+        self.adam_eps = get("ADAM_EPS", 1e-8, ">=0")
+        self.grad_clip_norm = get("GRAD_CLIP_NORM", 0.3, ">=0")  # 0 disables
+        self.adam_wd = get("ADAM_WD", 0.02, ">=0")
+        self.muon_wd = get("MUON_WD", 0.095, ">=0")
+        self.embed_wd = get("EMBED_WD", 0.085, ">=0")
+        self.ema_decay = get("EMA_DECAY", 0.9965, "[0,1)")
         # test-time training
-        self.ttt_enabled = bool(get("TTT_ENABLED", 1))
-        self.ttt_lora_rank = get("TTT_LORA_RANK", 96)
-        self.ttt_lora_lr = get("TTT_LORA_LR", 1e-4)
-        self.ttt_chunk_size = get("TTT_CHUNK_SIZE", 32)
-        self.ttt_eval_seq_len = get("TTT_EVAL_SEQ_LEN", 2048)
-        self.ttt_batch_size = get("TTT_BATCH_SIZE", 64)
-        self.ttt_grad_steps = get("TTT_GRAD_STEPS", 1)
-        self.ttt_weight_decay = get("TTT_WEIGHT_DECAY", 0.5)
-        self.ttt_beta1 = get("TTT_BETA1", 0.0)
-        self.ttt_beta2 = get("TTT_BETA2", 0.999)
-        self.ttt_k_lora = bool(get("TTT_K_LORA", 1))
-        self.ttt_mlp_lora = bool(get("TTT_MLP_LORA", 1))
-        self.ttt_o_lora = bool(get("TTT_O_LORA", 1))
+        self.ttt_enabled = bool(get("TTT_ENABLED", 1, "0/1"))
+        self.ttt_lora_rank = get("TTT_LORA_RANK", 96, ">=1")
+        self.ttt_lora_lr = get("TTT_LORA_LR", 1e-4, ">=0")
+        self.ttt_chunk_size = get("TTT_CHUNK_SIZE", 32, ">=1")
+        self.ttt_eval_seq_len = get("TTT_EVAL_SEQ_LEN", 2048, ">=1")
+        self.ttt_batch_size = get("TTT_BATCH_SIZE", 64, ">=1")
+        self.ttt_grad_steps = get("TTT_GRAD_STEPS", 1, ">=1")
+        self.ttt_weight_decay = get("TTT_WEIGHT_DECAY", 0.5, ">=0")
+        self.ttt_beta1 = get("TTT_BETA1", 0.0, "[0,1)")
+        self.ttt_beta2 = get("TTT_BETA2", 0.999, "[0,1)")
+        self.ttt_k_lora = bool(get("TTT_K_LORA", 1, "0/1"))
+        self.ttt_mlp_lora = bool(get("TTT_MLP_LORA", 1, "0/1"))
+        self.ttt_o_lora = bool(get("TTT_O_LORA", 1, "0/1"))
         self.ttt_optimizer = get("TTT_OPTIMIZER", "adam")
         self.val_doc_fraction = get("VAL_DOC_FRACTION", 1.0)
         # quantization and artifact
         self.compressor = get("COMPRESSOR", "brotli")
-        self.gptq_calibration_batches = get("GPTQ_CALIBRATION_BATCHES", 64)
-        self.gptq_reserve_seconds = get("GPTQ_RESERVE_SECONDS", 13.0)
+        self.gptq_calibration_batches = get("GPTQ_CALIBRATION_BATCHES", 64, ">=1")
+        self.gptq_reserve_seconds = get("GPTQ_RESERVE_SECONDS", 13.0, ">=0")
         self.matrix_bits = get("MATRIX_BITS", 6)
         self.embed_bits = get("EMBED_BITS", 8)
-        self.matrix_clip_sigmas = get("MATRIX_CLIP_SIGMAS", 12.85)
-        self.embed_clip_sigmas = get("EMBED_CLIP_SIGMAS", 20.0)
-        self.artifact_limit_bytes = get("ARTIFACT_LIMIT_BYTES", 16_000_000)
-        self.artifact_autofit = bool(get("ARTIFACT_AUTOFIT", 0))
+        self.matrix_clip_sigmas = get("MATRIX_CLIP_SIGMAS", 12.85, ">0")
+        self.embed_clip_sigmas = get("EMBED_CLIP_SIGMAS", 20.0, ">0")
+        self.artifact_limit_bytes = get("ARTIFACT_LIMIT_BYTES", 16_000_000, ">=1")
+        self.artifact_autofit = bool(get("ARTIFACT_AUTOFIT", 0, "0/1"))
         # submission.json metadata
         self.submission_name = get("SUBMISSION_NAME", "")
         self.submission_author = get("SUBMISSION_AUTHOR", "")
         self.submission_github_id = get("SUBMISSION_GITHUB_ID", "")
         # distributed layout, from torchrun
         self.distributed = "RANK" in env and "WORLD_SIZE" in env
-        self.rank = int(env.get("RANK", 0)) if self.distributed else 0
-        self.world_size = int(env.get("WORLD_SIZE", 1)) if self.distributed else 1
-        self.local_rank = int(env.get("LOCAL_RANK", 0)) if self.distributed else 0
+        try:
+            self.rank, self.world_size, self.local_rank = (int(env.get(name, default)) if self.distributed else default
+                                                           for name, default in zip(TORCHRUN_VARIABLES, (0, 1, 0)))
+        except ValueError:
+            raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun), got "
+                              f"{[env.get(n) for n in TORCHRUN_VARIABLES]}") from None
         if self.world_size < 1 or 8 % self.world_size:
             raise ConfigError(f"WORLD_SIZE={self.world_size} must divide 8 (use 1, 2, 4 or 8 processes)")
         self.grad_accum_steps = 8 // self.world_size
+        self.warnings = unknown_variable_warnings(env, self._defaults)
         self.check()
 
     # paths derived from DATA_DIR and VOCAB_SIZE, as the challenge's downloader lays them out
@@ -246,9 +264,47 @@ class Hyperparameters:
         if self.ttt_eval_seq_len < self.ttt_chunk_size:
             raise ConfigError(f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} must be at least "
                               f"TTT_CHUNK_SIZE={self.ttt_chunk_size}")
+        if self.vocab_size > 2**16:
+            raise ConfigError(f"VOCAB_SIZE={self.vocab_size} must be at most 65536: shards store uint16 token ids")
+        for name, bits in (("MATRIX_BITS", self.matrix_bits), ("EMBED_BITS", self.embed_bits)):
+            if not 2 <= bits <= 8:
+                raise ConfigError(f"{name}={bits} must be between 2 and 8 (quantized values are stored as int8)")
+        if self.eval_only_path and not self.eval_only_path.endswith((".pt", ".ptz")):
+            raise ConfigError(f"EVAL_ONLY_PATH={self.eval_only_path} must be a final_model.pt checkpoint or a "
+                              f"final_model.int6.ptz artifact written by this script")
 
     def as_dict(self) -> dict:
-        return dict(vars(self))
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def changed(self) -> list[str]:
+        """NAME=value (default ...) for every variable set to something other than its default."""
+        return [f"{name}={value!r} (default {self._defaults[name]!r})" for name, value in self._given.items()
+                if value != self._defaults[name]]
+
+
+def unknown_variable_warnings(env, known) -> list[str]:
+    """One line per environment variable that looks like one of ours but is not read: another
+    case (num_layers) or a close spelling (TTT_ENABLE)."""
+    import difflib
+    names = set(known) | set(TORCHRUN_VARIABLES)
+    warnings = []
+    for key in sorted(env):
+        if key in names:
+            continue
+        guess = key.upper() if key.upper() in names else next(iter(difflib.get_close_matches(key.upper(), names, 1, 0.85)), None)
+        if guess:
+            warnings.append(f"warning: {key} is not a variable of train_gpt.py (it is ignored); did you mean {guess}?")
+    return warnings
+
+
+def help_text() -> str:
+    """What `python3 train_gpt.py --help` prints: every variable with its default."""
+    defaults = Hyperparameters(env={})._defaults
+    width = max(map(len, defaults))
+    rows = [f"  {name:<{width}}  {default!r}" for name, default in defaults.items()]
+    return ("train_gpt.py is configured by environment variables only, e.g.\n"
+            "  NUM_LAYERS=11 SEED=0 torchrun --standalone --nproc_per_node=8 train_gpt.py\n"
+            "Variables and their defaults (README.md explains each one; booleans are 0/1):\n" + "\n".join(rows))
 
 
 # =============================================================================================
@@ -328,19 +384,16 @@ def all_gather_into(out: Tensor, inp: Tensor):
     return _Finished()
 
 
-def all_reduce_sums(*values: float, device) -> list[float]:
+def reduce_over_ranks(*values: float, device, op: str = "sum") -> list[float]:
+    """Sum (or "max") of each value over ranks, in float64; the values themselves on one process."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
 
 
 def any_rank(flag: bool, device) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(reduce_over_ranks(float(flag), device=device, op="max")[0])
 
 
 class WorkQueue:
@@ -383,18 +436,34 @@ def mark_cu_dynamic(cu: Tensor) -> None:
 
 
 class Logger:
+    """Lines are held in memory until open() (called once a run's inputs have passed their checks),
+    so a launch that fails its checks writes nothing and leaves no folder behind."""
+
     def __init__(self, path: str | None, enabled: bool = True):
         self.path = path if enabled else None
         self.enabled = enabled
-        if self.path:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.pending: list[str] | None = []
+
+    def open(self) -> None:
+        """Create the log's folder and write what was held; ConfigError if that is impossible."""
+        if self.path and self.pending is not None:
+            try:
+                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write("".join(m + "\n" for m in self.pending))
+            except OSError as e:
+                raise ConfigError(f"cannot write {self.path} ({e.strerror}): set ARTIFACT_DIR to a folder you "
+                                  f"can write") from None
+        self.pending = None
 
     def __call__(self, msg: str = "", console: bool = True) -> None:
         if not self.enabled:
             return
         if console:
             print(msg, flush=True)
-        if self.path:
+        if self.pending is not None:
+            self.pending.append(msg)
+        elif self.path:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(msg + "\n")
 
@@ -606,10 +675,16 @@ def load_validation_tokens(pattern: str, seq_len: int) -> Tensor:
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
 
 
+DOWNLOADABLE_VOCABS = (1024, 4096, 8192)  # the sp<V> variants data/cached_challenge_fineweb.py knows
+
+
 def check_data(h: Hyperparameters, need_train: bool = True) -> None:
-    """Fail early, in one line, when the data or tokenizer is missing or does not match VOCAB_SIZE."""
-    fetch = (f"download it with `python3 data/cached_challenge_fineweb.py --variant sp{h.vocab_size}` "
-             f"or build it with `python3 data/tokenize_docs.py`")
+    """Fail early, in one line, when the data or tokenizer is missing or does not match VOCAB_SIZE,
+    or any shard's header disagrees with its size: a broken shard is found in seconds, before
+    anything compiles, not when the loader reaches it an hour later."""
+    build = "build it from your own documents with `python3 data/tokenize_docs.py`"
+    fetch = (f"download it with `python3 data/cached_challenge_fineweb.py --variant sp{h.vocab_size}` or {build}"
+             if h.vocab_size in DOWNLOADABLE_VOCABS else build)
     if not os.path.isdir(h.dataset_dir):
         raise ConfigError(f"data folder {h.dataset_dir} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}) "
                           f"does not exist: {fetch}")
@@ -617,6 +692,8 @@ def check_data(h: Hyperparameters, need_train: bool = True) -> None:
     for pattern in patterns:
         if not glob.glob(pattern):
             raise ConfigError(f"no shards match {pattern} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}): {fetch}")
+        for path in shard_paths(pattern):
+            read_shard(path)  # header against file size; raises ShardError naming the file
     if not os.path.isfile(h.tokenizer_path):
         raise ConfigError(f"tokenizer {h.tokenizer_path} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}) "
                           f"does not exist: {fetch}")
@@ -1449,6 +1526,38 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training; main() exits with 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopOnSignal:
+    """While active, SIGINT / SIGTERM only ask training to stop at the next step boundary (all ranks
+    agree there, so nobody is left inside a collective). A second signal of the same kind exits at
+    once; torchrun's SIGTERM after a Ctrl-C counts as the same request."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __enter__(self):
+        import signal
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum == signum:
+            os._exit(128 + signum)
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 class Trainer:
     """Owns the model, its optimizers, EMA and loader for one run; `train()` runs the budget."""
 
@@ -1515,8 +1624,12 @@ class Trainer:
         return time.perf_counter() - t0
 
     def train(self, validate) -> dict:
-        """Train until the step or time budget ends; validate(step) -> (loss, bpb) is called at
-        step 0, every VAL_LOSS_EVERY steps and at the end (its time is not counted)."""
+        """Train until the step or time budget ends, or a signal asks to stop; validate(step) ->
+        (loss, bpb) runs every VAL_LOSS_EVERY steps (from step 0) and at the end, untimed."""
+        with StopOnSignal() as stop:
+            return self._train(validate, stop)
+
+    def _train(self, validate, stop: StopOnSignal) -> dict:
         h, log, model = self.h, self.log, self.model
         budget_ms = max(h.max_wallclock_seconds - h.gptq_reserve_seconds, 0) * 1000 if h.max_wallclock_seconds > 0 else None
         tokens_per_step = h.train_batch_tokens
@@ -1525,8 +1638,13 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         while True:
-            last_step = step >= h.iterations or (budget_ms is not None and any_rank(train_ms >= budget_ms, self.device))
-            if step == 0 or last_step or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
+            over_budget, signum = reduce_over_ranks(float(budget_ms is not None and train_ms >= budget_ms),
+                                                    float(stop.signum), device=self.device, op="max")
+            if signum:
+                stats["interrupted"] = {"signal": int(signum), "step": step}
+                break
+            last_step = step >= h.iterations or bool(over_budget)
+            if last_step or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
                 val_loss, val_bpb = validate(step)
                 log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                     f"train_time:{train_ms:.0f}ms")
@@ -2012,12 +2130,22 @@ def quantize_model(model: GPT, h: Hyperparameters, hessians: dict, clip_factor: 
                                h.embed_bits, h.embed_clip_sigmas)
 
 
-def load_artifact(blob: bytes, model: GPT) -> None:
+def load_artifact(blob: bytes, model: GPT, path: str = "the artifact") -> None:
     """Load a final_model.int6.ptz into model (strict: every tensor, every shape)."""
     w, meta = deserialize_quantized(blob)
-    state = rebank_state(dequantize_state_dict(w, meta), model.num_layers)
-    with torch.no_grad():
-        model.load_state_dict(state)
+    state = dequantize_state_dict(w, meta)
+    if not all(f"blocks.{model.num_layers - 1}.{name}.weight" in state for _, name, _ in BANK_LAYOUT):
+        raise ConfigError(f"{path} does not hold the {model.num_layers} layers of this model: check NUM_LAYERS")
+    load_matching(path, rebank_state(state, model.num_layers), model)
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write to a temporary file beside path, then rename it over: a crash mid-write never leaves a
+    truncated checkpoint or artifact under the real name."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def write_artifact(h: Hyperparameters, model: GPT, source: str, ptz_path: str, device, log, evaluate) -> dict:
@@ -2066,8 +2194,7 @@ def write_artifact(h: Hyperparameters, model: GPT, source: str, ptz_path: str, d
         info.update(autofit_clip_factor=factor, autofit_bpb_cost=costs[1] - costs[0])
         log(f"ARTIFACT_AUTOFIT: matrix clip sigmas x{factor:.4f} fits; it costs {costs[1] - costs[0]:+.5f} bpb")
     blob, w, meta = blobs[factor]
-    with open(ptz_path, "wb") as f:
-        f.write(blob)
+    write_atomically(ptz_path, blob)
     report = artifact_size_report(len(blob), code_bytes, h.artifact_limit_bytes, stored_bytes_by_kind(w, meta),
                                   h.compressor)
     log(report)
@@ -2075,9 +2202,29 @@ def write_artifact(h: Hyperparameters, model: GPT, source: str, ptz_path: str, d
     return info
 
 
-def load_checkpoint(path: str, model: GPT) -> None:
-    """Load a final_model.pt, naming any tensor whose name or shape does not match the model."""
-    state = torch.load(path, map_location="cpu")
+def read_eval_only_path(path: str):
+    """The state in EVAL_ONLY_PATH, read and checked at start: a final_model.pt -> state dict, a
+    final_model.int6.ptz -> its bytes (after a header check). ConfigError for anything else."""
+    hint = "EVAL_ONLY_PATH takes a final_model.pt or final_model.int6.ptz written by train_gpt.py"
+    try:
+        if path.endswith(".ptz"):
+            with open(path, "rb") as f:
+                blob = f.read()
+            deserialize_quantized(blob)
+            return blob
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except ConfigError:
+        raise
+    except Exception as e:  # corrupt, truncated or foreign files raise many kinds of errors
+        raise ConfigError(f"{path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                          f"{hint}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ConfigError(f"{path} is not a state dict of tensors: {hint}")
+    return state
+
+
+def load_matching(path: str, state: dict, model: GPT) -> None:
+    """Load state into model, naming any tensor whose name or shape does not match it."""
     expected = model.state_dict()
     for name in sorted(set(expected) | set(state)):
         if name not in state:
@@ -2153,7 +2300,7 @@ def eval_val(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, device) -> 
         piece = (chunk[:-1], chunk[1:], torch.ones(len(chunk) - 1, dtype=torch.bool))
         for i, v in enumerate(score_rows(model_fn, [piece], row, h.eval_seq_len, luts, device)):
             sums[i] += v
-    loss_sum, byte_sum, count = all_reduce_sums(*sums, device=device)
+    loss_sum, byte_sum, count = reduce_over_ranks(*sums, device=device)
     return loss_sum / max(count, 1), bits_per_byte(loss_sum, byte_sum)
 
 
@@ -2178,7 +2325,7 @@ def eval_val_sliding(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, dev
             sums[i] += v
         if log and (b // per_batch) % 50 == 0:
             log(f"sliding_eval batch {b // per_batch + 1}/{-(-len(my_starts) // per_batch)}")
-    loss_sum, byte_sum, count = all_reduce_sums(*sums, device=device)
+    loss_sum, byte_sum, count = reduce_over_ranks(*sums, device=device)
     return loss_sum / max(count, 1), bits_per_byte(loss_sum, byte_sum)
 
 
@@ -2390,7 +2537,7 @@ def eval_val_ttt(model_fn, model: GPT, val_tokens: Tensor, h: Hyperparameters, l
             log(f"ttt_progress{'' if adapt else '_baseline'} rank:{rank} batch:{b + 1}/{len(batches)} docs:{len(batches[b])} "
                 f"longest:{batches[b][0][1]} bpb_so_far:{bits_per_byte(sums[0], sums[1]):.4f} "
                 f"tok/s:{done_tokens / max(elapsed, 1e-9):.0f} elapsed:{elapsed:.1f}s")
-    loss_sum, byte_sum, count = all_reduce_sums(*sums, device=device)
+    loss_sum, byte_sum, count = reduce_over_ranks(*sums, device=device)
     return loss_sum / max(count, 1), bits_per_byte(loss_sum, byte_sum)
 
 
@@ -2450,7 +2597,7 @@ class RunContext:
         self.log = Logger(os.path.join(h.artifact_dir, "train.log"), enabled=self.rank == 0)
         self.source = script_source()
         self.summary: dict = {"run_id": h.run_id, "world_size": self.world}
-        self.model = self.model_fn = self.luts = self.val_tokens = None
+        self.model = self.model_fn = self.luts = self.val_tokens = self.plan = self.eval_only_state = None
 
     def evaluate(self, name: str) -> dict:
         """Standard evaluation of the model as it is now (float or quantized weights)."""
@@ -2468,7 +2615,31 @@ def timed_score(log, name: str, score) -> dict:
     return result
 
 
+def check_inputs(ctx: RunContext) -> None:
+    """Everything that can be wrong with a run's inputs, before it writes a byte: the data and
+    tokenizer, every shard's header, EVAL_ONLY_PATH's contents, which artifact it will evaluate,
+    and that ARTIFACT_DIR holds no checkpoint or artifact that this run would replace."""
+    h = ctx.h
+    for warning in h.warnings:
+        ctx.log(warning)
+    if h.eval_only_path and not os.path.isfile(h.eval_only_path):
+        raise ConfigError(f"EVAL_ONLY_PATH={h.eval_only_path} does not exist")
+    check_data(h, need_train=not h.eval_only_path.endswith(".ptz"))
+    ctx.eval_only_state = read_eval_only_path(h.eval_only_path) if h.eval_only_path else None
+    ctx.plan = plan_artifact(h, ctx.source, ctx.log)
+    if os.path.exists(h.artifact_dir) and not os.path.isdir(h.artifact_dir):
+        raise ConfigError(f"ARTIFACT_DIR={h.artifact_dir} is a file, not a folder")
+    writes = (["final_model.pt"] if not h.eval_only_path else []) + (
+        ["final_model.int6.ptz"] if ctx.plan.mode == "quantize" else [])
+    existing = [name for name in writes if os.path.exists(os.path.join(h.artifact_dir, name))]
+    if existing and ctx.rank == 0:
+        raise ConfigError(f"ARTIFACT_DIR={h.artifact_dir} already holds {' and '.join(existing)}, which this run "
+                          f"would replace: set another ARTIFACT_DIR (or RUN_ID), or move the old files away")
+
+
 def start_run(h: Hyperparameters) -> RunContext:
+    """Ranks, the log header, every input check, validation data and the model (with EVAL_ONLY_PATH's
+    weights). ARTIFACT_DIR and train.log are created only once all of that has passed."""
     ctx = RunContext(h)
     log = ctx.log
     log("\n".join(f"{k}: {v}" for k, v in sorted(h.as_dict().items())), console=False)
@@ -2477,9 +2648,8 @@ def start_run(h: Hyperparameters) -> RunContext:
     log(environment, console=False)
     ctx.summary["environment"] = environment.splitlines()[:2]
     log(f"run_id:{h.run_id} artifact_dir:{h.artifact_dir} world_size:{ctx.world} grad_accum:{h.grad_accum_steps}")
-    if h.eval_only_path and not os.path.isfile(h.eval_only_path):
-        raise ConfigError(f"EVAL_ONLY_PATH={h.eval_only_path} does not exist")
-    check_data(h, need_train=not h.eval_only_path.endswith(".ptz"))
+    log("settings that differ from the defaults: " + (", ".join(h.changed()) or "none"))
+    check_inputs(ctx)
     random.seed(h.seed)
     np.random.seed(h.seed)
     torch.manual_seed(h.seed)
@@ -2487,18 +2657,27 @@ def start_run(h: Hyperparameters) -> RunContext:
     ctx.luts = build_byte_luts(spm.SentencePieceProcessor(model_file=h.tokenizer_path), h.vocab_size, ctx.device)
     ctx.val_tokens = load_validation_tokens(h.val_files, h.eval_seq_len)
     log(f"val_tokens:{len(ctx.val_tokens) - 1} train_shards:{len(glob.glob(h.train_files))}")
+    build_run_model(ctx)
+    log.open()
+    return ctx
+
+
+def build_run_model(ctx: RunContext) -> None:
+    h, log = ctx.h, ctx.log
     backend = pick_attention_backend(h.attn_backend)
     log(f"attention_backend:{backend} fused_mlp:{h.fused_mlp and ctx.device.type == 'cuda' and triton is not None}")
     ctx.model = build_model(h, ctx.device, backend)
     log(f"model_params:{sum(p.numel() for p in ctx.model.parameters())}")
+    if isinstance(ctx.eval_only_state, dict):  # a checkpoint: its weights, checked tensor by tensor
+        load_matching(h.eval_only_path, ctx.eval_only_state, ctx.model)
+    elif ctx.eval_only_state is not None:  # an artifact: loaded here once to check it fits this model
+        load_artifact(ctx.eval_only_state, ctx.model, h.eval_only_path)
     if ctx.device.type == "cuda":
         torch._dynamo.config.cache_size_limit = 16
     # One model object and one compiled callable for the whole run: training, evaluation (a
     # separate graph per train/eval mode and looping state) and the quantized model, whose
     # weights are loaded into the same tensors, so no graph is compiled twice.
     ctx.model_fn = compile_for(ctx.device, ctx.model, dynamic=False, fullgraph=True)
-    os.makedirs(h.artifact_dir, exist_ok=True)
-    return ctx
 
 
 def train_phase(ctx: RunContext) -> None:
@@ -2514,13 +2693,25 @@ def train_phase(ctx: RunContext) -> None:
 
     stats = trainer.train(validate)
     ctx.summary.update(train=stats, warmup_seconds=warmup_s)
+    live = f" live_val_bpb:{stats['final_val_bpb']:.5f}" if "final_val_bpb" in stats else ""
     log(f"train_done steps:{stats['steps']} train_time:{stats['train_ms'] / 1000:.1f}s "
-        f"peak_memory:{stats.get('peak_memory_mib', 0)}MiB live_val_bpb:{stats['final_val_bpb']:.5f}")
+        f"peak_memory:{stats.get('peak_memory_mib', 0)}MiB{live}")
     trainer.ema.copy_to(model)
+    ckpt_path = os.path.join(h.artifact_dir, "final_model.pt")
     if ctx.rank == 0:
-        ckpt_path = os.path.join(h.artifact_dir, "final_model.pt")
-        torch.save(model.state_dict(), ckpt_path)
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        write_atomically(ckpt_path, buffer.getvalue())
         log(f"saved {ckpt_path} ({os.path.getsize(ckpt_path)} bytes)")
+    if "interrupted" in stats:
+        import signal
+        signum, step = stats["interrupted"]["signal"], stats["interrupted"]["step"]
+        message = (f"{signal.Signals(signum).name} stopped training at step {step}; the EMA weights are in "
+                   f"{ckpt_path}: evaluate them with EVAL_ONLY_PATH={ckpt_path}")
+        log(message)
+        if ctx.rank == 0:
+            write_run_files(h, ctx.summary)
+        raise Interrupted(signum, message)
 
 
 class ArtifactPlan(NamedTuple):
@@ -2571,7 +2762,7 @@ def build_artifact(ctx: RunContext, ptz_path: str) -> None:
 def evaluate_artifact(ctx: RunContext, plan: ArtifactPlan) -> None:
     h, summary = ctx.h, ctx.summary
     with open(plan.ptz_path, "rb") as f:
-        load_artifact(f.read(), ctx.model)
+        load_artifact(f.read(), ctx.model, plan.ptz_path)
     summary["quantized"] = ctx.evaluate("quantized")
     if h.sliding_window_enabled:
         summary["sliding"] = timed_score(ctx.log, "sliding_window", lambda: eval_val_sliding(
@@ -2610,10 +2801,8 @@ def run(h: Hyperparameters) -> dict:
     ctx = start_run(h)
     if not h.eval_only_path:
         train_phase(ctx)
-    elif not h.eval_only_path.endswith(".ptz"):
-        load_checkpoint(h.eval_only_path, ctx.model)
     ctx.model.looping = h.num_loops > 0  # the model is evaluated and quantized as it ends training
-    plan = plan_artifact(h, ctx.source, ctx.log)
+    plan = ctx.plan
     if plan.mode != "artifact_only":
         ctx.summary["prequant"] = ctx.evaluate("prequant (EMA weights)")
     if plan.mode == "quantize":
@@ -2641,14 +2830,30 @@ def write_run_files(h: Hyperparameters, summary: dict) -> None:
         json.dump(submission, f, indent=2)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 bad input (one line naming the file or variable); 3 artifact over the
+    size limit (written, then refused); 128 + signal when SIGINT / SIGTERM stopped training
+    (checkpoint saved); 1 a bug (traceback)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in (["-h"], ["--help"]):
+        print(help_text())
+        return 0
+    code = 0
     try:
-        h = Hyperparameters()
-        run(h)
-        code = 0
+        if argv:
+            raise ConfigError(f"train_gpt.py takes no arguments (got {' '.join(argv)}): it is configured by "
+                              f"environment variables; --help lists them")
+        run(Hyperparameters())
     except (ConfigError, ShardError, ArtifactTooLarge) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 3 if isinstance(e, ArtifactTooLarge) else 2
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        code = 128 + e.signum
+    except KeyboardInterrupt:
+        print("stopped: interrupted (SIGINT) outside the training loop; nothing was saved by this step",
+              file=sys.stderr, flush=True)
+        code = 130
     except BaseException:
         import traceback
         traceback.print_exc()

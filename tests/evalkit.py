@@ -128,18 +128,18 @@ def _patch(name: str, value, monkeypatch=None):
 
 
 class SumsSpy:
-    """Wraps train_gpt.all_reduce_sums: .calls holds the rank-summed values of every call."""
+    """Wraps train_gpt.reduce_over_ranks: .calls holds the rank-summed values of every call."""
 
     def __init__(self, monkeypatch=None):
         self.calls = []
-        original = tg.all_reduce_sums
+        original = tg.reduce_over_ranks
 
         def spy(*values, device):
             out = original(*values, device=device)
             self.calls.append(out)
             return out
 
-        _patch("all_reduce_sums", spy, monkeypatch)
+        _patch("reduce_over_ranks", spy, monkeypatch)
 
     @property
     def last(self):

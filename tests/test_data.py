@@ -313,9 +313,12 @@ def test_vocab_size_mismatch(tmp_path, tiny_dataset, make_hparams):
 
 
 def test_missing_data_folder(tmp_path, make_hparams):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError) as e:  # vocab 512: no such download, so only the build is suggested
         check_data(make_hparams(DATA_DIR=tmp_path / "nowhere"))
-    assert "DATA_DIR=" in one_line(e) and "cached_challenge_fineweb.py --variant sp" in one_line(e)
+    assert "DATA_DIR=" in one_line(e) and "tokenize_docs.py" in one_line(e) and "--variant" not in one_line(e)
+    with pytest.raises(ConfigError) as e:
+        check_data(make_hparams(DATA_DIR=tmp_path / "nowhere", VOCAB_SIZE=1024))
+    assert "cached_challenge_fineweb.py --variant sp1024" in one_line(e) and "tokenize_docs.py" in one_line(e)
 
 
 def test_missing_shards_and_tokenizer(tmp_path, tiny_dataset, make_hparams):

@@ -22,7 +22,7 @@ def run_main(monkeypatch, env: dict) -> int:
             monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, str(value))
-    return tg.main()
+    return tg.main([])
 
 
 def read_json(path):
@@ -116,11 +116,12 @@ def one_line_error(capsys) -> str:
 
 
 def test_missing_data_folder(tmp_path, monkeypatch, capsys):
-    code = run_main(monkeypatch, dict(TINY_ENV, DATA_DIR=str(tmp_path / "nowhere"), VOCAB_SIZE="512",
-                                      ARTIFACT_DIR=str(tmp_path)))
+    code = run_main(monkeypatch, dict(TINY_ENV, DATA_DIR=str(tmp_path / "nowhere"), VOCAB_SIZE="1024",
+                                      ARTIFACT_DIR=str(tmp_path / "run")))
     assert code == 2
     err = one_line_error(capsys)
     assert "DATA_DIR" in err and "cached_challenge_fineweb.py" in err
+    assert not os.path.exists(tmp_path / "run")  # a launch that fails its checks leaves no folder
 
 
 def test_tokenizer_that_does_not_match_vocab_size(tiny_dataset, tmp_path, monkeypatch, capsys):
@@ -199,3 +200,51 @@ def test_an_existing_artifact_over_the_limit_is_not_used(trained_run, tiny_datas
     assert code == 3
     err = capsys.readouterr().err
     assert "over the 20,000-byte limit" in err and "ARTIFACT_AUTOFIT=1" in err
+
+
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_stops_training_at_a_step_boundary_and_saves_the_weights(tiny_dataset, tmp_path, signame, code):
+    import signal
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, **TINY_ENV, **tiny_dataset.env)
+    env.update(ARTIFACT_DIR=str(tmp_path / "run"), ITERATIONS="100000", TTT_ENABLED="0", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "train_gpt.py"], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step:3/"):
+            break
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert err.startswith("stopped: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    ckpt = tmp_path / "run" / "final_model.pt"
+    assert f"{signame} stopped training at step" in err and f"EVAL_ONLY_PATH={ckpt}" in err
+    assert f"{signame} stopped training at step" in (tmp_path / "run" / "train.log").read_text()
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert summary["train"]["interrupted"]["signal"] == getattr(signal, signame) and "final" not in summary
+    h = tg.Hyperparameters(env=dict(TINY_ENV, **tiny_dataset.env))  # what EVAL_ONLY_PATH would load
+    tg.load_matching(str(ckpt), tg.read_eval_only_path(str(ckpt)), tg.build_model(h, torch.device("cpu")))
+
+
+STOP_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train_gpt as tg
+with tg.StopOnSignal() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)  # torchrun's SIGTERM after a Ctrl-C: the same request
+    print("first", stop.signum, flush=True)
+    os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C: exit at once
+    print("not reached", flush=True)
+"""
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stdout == "first 2\n", (proc.stdout, proc.stderr)

@@ -2,6 +2,7 @@
 the rank-0 logger and the environment report."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -11,7 +12,7 @@ from tests.evalkit import run_two_ranks
 
 def test_one_process_collectives_are_identities():
     assert not dist.is_initialized() and tg._world() == (0, 1)
-    assert tg.all_reduce_sums(1.5, 2.0, device=torch.device("cpu")) == [1.5, 2.0]
+    assert tg.reduce_over_ranks(1.5, 2.0, device=torch.device("cpu")) == [1.5, 2.0]
     assert tg.any_rank(True, torch.device("cpu")) is True and tg.any_rank(False, torch.device("cpu")) is False
     queue = tg.WorkQueue("test")
     assert [queue.claim() for _ in range(3)] == [0, 1, 2]
@@ -25,7 +26,7 @@ def _collectives_on_rank():
     tg.reduce_scatter_avg(shard, torch.arange(12.0).view(4, 3) * (rank + 1)).wait()
     gathered = torch.empty(4, 2)
     tg.all_gather_into(gathered, torch.full((2, 2), float(rank))).wait()
-    sums = tg.all_reduce_sums(float(rank), 1.0, device=torch.device("cpu"))
+    sums = tg.reduce_over_ranks(float(rank), 1.0, device=torch.device("cpu"))
     anyone = tg.any_rank(rank == 1, torch.device("cpu"))
     queue = tg.WorkQueue("runtime_test")
     claimed = []
@@ -60,13 +61,24 @@ def test_compile_helpers_leave_cpu_code_eager():
 def test_logger_writes_rank_zero_only(tmp_path, capsys):
     path = tmp_path / "new" / "train.log"
     log = tg.Logger(str(path))
+    log("held")
+    assert not os.path.exists(path.parent)  # nothing is written before open()
+    log.open()
     log("shown")
     log("file only", console=False)
     quiet = tg.Logger(str(tmp_path / "other" / "train.log"), enabled=False)
     quiet("never")
-    assert path.read_text() == "shown\nfile only\n"
-    assert capsys.readouterr().out == "shown\n"
+    quiet.open()
+    assert path.read_text() == "held\nshown\nfile only\n"
+    assert capsys.readouterr().out == "held\nshown\n"
     assert not os.path.exists(tmp_path / "other")
+
+
+def test_logger_open_names_an_unwritable_folder(tmp_path):
+    (tmp_path / "file").write_text("")
+    log = tg.Logger(str(tmp_path / "file" / "run" / "train.log"))
+    with pytest.raises(tg.ConfigError, match="ARTIFACT_DIR"):
+        log.open()
 
 
 def test_environment_report_names_versions():
