@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -749,12 +748,6 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2, default=str)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -764,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run_benchmark(args)
     print(format_report(result), flush=True)
     if args.out:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_train import write_json  # one JSON writer for both benchmarks
         write_json(result, args.out)
         print(f"wrote {args.out}")
     return 0
