@@ -14,6 +14,14 @@ may continue in the next shard, as in the challenge's export. Shards are written
 own `write_shard`, so the format has a single writer; it is imported only when the first shard is
 written, because it pulls in torch (seconds) and bad input should fail at once.
 
+Nothing is destroyed before the whole input has been read: shards are written into a temporary folder
+beside the dataset (<out>/datasets/.fineweb10B_sp<V>.tmp-<pid>-*, the same filesystem) and the
+tokenizer into temporary names in <out>/tokenizers; only when every document has been tokenized are
+they renamed into place (the old dataset folder is renamed aside, the new one in, then the old one
+deleted; files in it other than shards are carried over). Any failure, bad input, a full disk or
+Ctrl-C, removes the temporary files and leaves an existing dataset and tokenizer byte-identical.
+Bad input or options print one line on stderr and exit with status 2 (as argparse's usage errors do).
+
     python3 data/tokenize_docs.py --docs docs.jsonl.xz --tokenizer fineweb_8192_bpe.model --val-docs 2000
     python3 data/tokenize_docs.py --docs docs.jsonl --train-tokenizer --vocab-size 4096
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import itertools
 import json
 import lzma
@@ -28,6 +37,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -44,7 +54,7 @@ SP_TRAINER_SETTINGS = dict(model_type="bpe", byte_fallback=True, split_digits=Tr
 
 
 class DocsError(Exception):
-    """Bad input or options: main() prints the message as one line and exits with status 1."""
+    """Bad input or options: main() prints the message as one line and exits with status 2."""
 
 
 def shard_writer():
@@ -67,16 +77,23 @@ def open_docs(path: str):
     """A text stream over the documents file (.jsonl, or .jsonl.xz decompressed on the fly)."""
     if not os.path.isfile(path):
         raise DocsError(f"--docs {path}: no such file")
-    if path.endswith(".jsonl.xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    if path.endswith(".jsonl"):
+    if not path.endswith((".jsonl.xz", ".jsonl")):
+        raise DocsError(f"--docs {path}: expected a .jsonl or .jsonl.xz file of {{\"text\": ...}} objects")
+    try:
+        if path.endswith(".jsonl.xz"):
+            return lzma.open(path, "rt", encoding="utf-8")
         return open(path, encoding="utf-8")
-    raise DocsError(f"--docs {path}: expected a .jsonl or .jsonl.xz file of {{\"text\": ...}} objects")
+    except OSError as e:
+        raise DocsError(f"--docs {path}: cannot read it ({e.strerror or e})") from None
 
 
 def iter_chunks(path: str):
     """Yield (path, [(line number, raw line), ...]) chunks in file order; blank lines are skipped."""
     number = 0
+
+    def where():
+        return f", after line {number}" if number else ""
+
     try:
         with open_docs(path) as f:
             lines, size = [], 0
@@ -90,10 +107,23 @@ def iter_chunks(path: str):
                     lines, size = [], 0
             if lines:
                 yield path, lines
-    except lzma.LZMAError as e:
-        raise DocsError(f"--docs {path}: not a valid .xz file ({e})") from None
+    except (lzma.LZMAError, EOFError) as e:  # EOFError: a truncated (or empty) .xz file
+        raise DocsError(f"--docs {path}: not a valid .xz file ({e}{where()})") from None
     except UnicodeDecodeError as e:
         raise DocsError(f"--docs {path}: not UTF-8 text ({e.reason} after line {number})") from None
+    except OSError as e:
+        raise DocsError(f"--docs {path}: cannot read it ({e.strerror or e}{where()})") from None
+
+
+def check_docs(path: str) -> None:
+    """Fail at once, before anything is written, on a missing, misnamed, unreadable or empty file
+    (reads only the first chunk)."""
+    chunks = iter_chunks(path)
+    try:
+        if next(chunks, None) is None:
+            raise DocsError(f"--docs {path}: no documents (the file is empty or has only blank lines)")
+    finally:
+        chunks.close()
 
 
 def parse_texts(path: str, lines) -> list[str]:
@@ -103,7 +133,7 @@ def parse_texts(path: str, lines) -> list[str]:
         try:
             doc = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DocsError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise DocsError(f"{path}:{number}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
         if not isinstance(doc, dict) or "text" not in doc:
             raise DocsError(f"{path}:{number}: the object has no \"text\" field")
         if not isinstance(doc["text"], str):
@@ -178,14 +208,10 @@ def train_tokenizer(docs: str, prefix: str, vocab_size: int, val_docs: int, samp
     return prefix + ".model"
 
 
-def install_tokenizer(source: str, tokenizers_dir: str, vocab_size: int) -> str:
-    """Copy a .model (and its .vocab, if present) to tokenizers/fineweb_<V>_bpe.*; returns the copy."""
-    os.makedirs(tokenizers_dir, exist_ok=True)
-    target = os.path.join(tokenizers_dir, f"fineweb_{vocab_size}_bpe.model")
-    for src, dst in ((source, target), (os.path.splitext(source)[0] + ".vocab", target[:-len(".model")] + ".vocab")):
-        if os.path.isfile(src) and not (os.path.exists(dst) and os.path.samefile(src, dst)):
-            shutil.copyfile(src, dst)
-    return target
+def tokenizer_files(source: str) -> list[str]:
+    """The .model and, if present, the .vocab beside it."""
+    vocab = os.path.splitext(source)[0] + ".vocab"
+    return [source] + ([vocab] if os.path.isfile(vocab) else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,8 +257,143 @@ def encoded_chunks(docs: str, model_path: str, workers: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing shards
+# Writing shards: into a temporary folder, swapped in only when complete
 # ---------------------------------------------------------------------------------------------
+
+
+def is_shard(name: str) -> bool:
+    return name.startswith("fineweb_") and name.endswith(".bin")
+
+
+def check_out(out: str) -> None:
+    """Fail at once if `out` cannot be written: its deepest existing folder must be a writable folder."""
+    existing = os.path.abspath(out)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DocsError(f"--out {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DocsError(f"--out {out}: cannot write there ({existing} is not writable)")
+
+
+def make_dirs(path: str) -> list[str]:
+    """os.makedirs(path, exist_ok=True); returns the folders it created, outermost first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):
+        os.mkdir(folder)
+    return missing[::-1]
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+class StagedOutput:
+    """A dataset written beside the one it replaces (context manager).
+
+    Shards go into `self.folder`, a temporary folder next to <out>/datasets/fineweb10B_sp<V>, and
+    stage_tokenizer() copies the tokenizer to temporary names in <out>/tokenizers. commit() renames
+    them into place; leaving the `with` block without commit() (any exception) deletes them, and the
+    folders this run created, so an existing dataset and tokenizer stay byte-identical.
+    """
+
+    def __init__(self, out: str, vocab_size: int):
+        self.out = out
+        self.dataset_dir = os.path.join(out, "datasets", f"fineweb10B_sp{vocab_size}")
+        self.tokenizer_path = os.path.join(out, "tokenizers", f"fineweb_{vocab_size}_bpe.model")
+        self.created: list[str] = []
+        self.folder = None
+        self.staged: list[tuple[str, str]] = []  # (temporary file, its final path)
+        self.committed = False
+
+    def __enter__(self) -> "StagedOutput":
+        try:
+            for folder in (os.path.dirname(self.dataset_dir), os.path.dirname(self.tokenizer_path)):
+                self.created += make_dirs(folder)
+            self.folder = tempfile.mkdtemp(prefix=f".{os.path.basename(self.dataset_dir)}.tmp-{os.getpid()}-",
+                                           dir=os.path.dirname(self.dataset_dir))
+        except OSError as e:
+            self._remove()
+            raise DocsError(f"--out {self.out}: cannot write there ({e.strerror or e})") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed:
+            self._remove()
+
+    def _remove(self) -> None:
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        for tmp, _ in self.staged:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        for folder in reversed(self.created):
+            try:
+                os.rmdir(folder)  # only if still empty
+            except OSError:
+                pass
+
+    def _write_error(self, e: OSError) -> DocsError:
+        return DocsError(f"--out {self.out}: cannot write {e.filename or 'there'} ({e.strerror or e})")
+
+    def stage_tokenizer(self, source: str) -> None:
+        """Copy the .model (and its .vocab, if present) to temporary names beside their final paths."""
+        final = self.tokenizer_path
+        for src, dst in zip(tokenizer_files(source), (final, final[:-len(".model")] + ".vocab")):
+            tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+            self.staged.append((tmp, dst))
+            try:
+                shutil.copyfile(src, tmp)
+            except OSError as e:
+                raise self._write_error(e) from None
+
+    def carry_over(self) -> None:
+        """Link (or copy) what the old dataset folder holds besides shards into the new one."""
+        if not os.path.isdir(self.dataset_dir):
+            return
+        try:
+            for name in os.listdir(self.dataset_dir):
+                src, dst = os.path.join(self.dataset_dir, name), os.path.join(self.folder, name)
+                if is_shard(name) or os.path.lexists(dst):
+                    continue
+                if os.path.isdir(src) and not os.path.islink(src):
+                    shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+                else:
+                    link_or_copy(src, dst)
+        except OSError as e:
+            raise self._write_error(e) from None
+
+    def commit(self, log=None) -> None:
+        """Swap the new dataset in: the old folder renamed aside, the new one renamed in, the
+        tokenizer files os.replace()d, the old folder deleted. Each step is a rename within one
+        folder; if one fails, the steps before it are undone (the old dataset is put back)."""
+        self.carry_over()
+        aside = self.folder + ".old"
+        had_old = os.path.lexists(self.dataset_dir)
+        done = []  # how to undo each rename made so far, last first
+        try:
+            if had_old:
+                os.rename(self.dataset_dir, aside)
+                done.insert(0, lambda: os.rename(aside, self.dataset_dir))
+            os.rename(self.folder, self.dataset_dir)
+            done.insert(0, lambda: os.rename(self.dataset_dir, self.folder))
+            for tmp, dst in self.staged:
+                os.replace(tmp, dst)
+        except OSError as e:
+            for undo in done:
+                undo()
+            raise self._write_error(e) from None
+        self.committed = True
+        if had_old:
+            shutil.rmtree(aside, ignore_errors=True)
+            if log:
+                log(f"replaced the old dataset in {self.dataset_dir}")
 
 
 class ShardWriter:
@@ -257,10 +418,24 @@ class ShardWriter:
     def close(self) -> None:
         if self.fill:
             path = os.path.join(self.folder, f"fineweb_{self.split}_{len(self.paths):06d}.bin")
-            shard_writer()(path, self.buf[:self.fill])
+            write = shard_writer()
+            try:
+                write(path, self.buf[:self.fill])
+            except OSError as e:
+                raise DocsError(f"cannot write {path} ({e.strerror or e})") from None
             self.paths.append(path)
             self.tokens += self.fill
             self.fill = 0
+
+
+def check_options(val_docs: int, shard_tokens: int, sample_mb: float | None = None) -> None:
+    """The numeric options, checked before any file is read or written."""
+    if val_docs < 1:
+        raise DocsError(f"--val-docs {val_docs}: must be at least 1")
+    if shard_tokens < 1:
+        raise DocsError(f"--shard-tokens {shard_tokens}: must be at least 1")
+    if sample_mb is not None and not sample_mb > 0:
+        raise DocsError(f"--sample-mb {sample_mb:g}: must be more than 0")
 
 
 def build_dataset(docs: str, out: str, tokenizer: str, val_docs: int = 50_000, shard_tokens: int = 100_000_000,
@@ -270,50 +445,48 @@ def build_dataset(docs: str, out: str, tokenizer: str, val_docs: int = 50_000, s
     Returns a summary dict: dataset_dir, tokenizer_path, vocab_size, val_docs, train_docs,
     val_tokens, train_tokens, val_shards, train_shards (shard path lists), seconds.
     """
-    if val_docs < 1:
-        raise DocsError(f"--val-docs {val_docs}: must be at least 1")
-    if shard_tokens < 1:
-        raise DocsError(f"--shard-tokens {shard_tokens}: must be at least 1")
-    open_docs(docs).close()  # a missing or misnamed file fails here, before anything is touched
+    check_options(val_docs, shard_tokens)
+    check_docs(docs)  # a missing, misnamed, unreadable or empty file fails here, before anything is touched
     sp = load_tokenizer(tokenizer)
     vocab_size = sp.vocab_size()
-    dataset_dir = os.path.join(out, "datasets", f"fineweb10B_sp{vocab_size}")
-    os.makedirs(dataset_dir, exist_ok=True)
-    stale = [f for f in os.listdir(dataset_dir) if f.startswith("fineweb_") and f.endswith(".bin")]
-    for name in stale:
-        os.remove(os.path.join(dataset_dir, name))
-    if stale and log:
-        log(f"removed {len(stale)} old shards from {dataset_dir}")
-    tokenizer_path = install_tokenizer(tokenizer, os.path.join(out, "tokenizers"), vocab_size)
+    check_out(out)
+    with StagedOutput(out, vocab_size) as stage:
+        writers = {"val": ShardWriter(stage.folder, "val", shard_tokens), "train": None}
+        doc_count = token_count = 0
+        t0 = last = time.time()
+        with contextlib.closing(encoded_chunks(docs, tokenizer, workers)) as chunks:
+            for tokens, lengths in chunks:
+                split_at = min(max(val_docs - doc_count, 0), len(lengths))  # documents of this chunk that are val
+                cut = int(lengths[:split_at].sum())
+                if split_at:
+                    writers["val"].add(tokens[:cut])
+                if split_at < len(lengths):
+                    if writers["train"] is None:
+                        writers["val"].close()
+                        writers["train"] = ShardWriter(stage.folder, "train", shard_tokens)
+                    writers["train"].add(tokens[cut:])
+                doc_count += len(lengths)
+                token_count += len(tokens)
+                now = time.time()
+                if log and now - last >= PROGRESS_SECONDS:
+                    last = now
+                    log(f"{doc_count:,} docs ({doc_count / (now - t0):,.0f} docs/s), {token_count:,} tokens")
+        writers["val"].close()
+        if writers["train"] is None:
+            raise DocsError(f"--docs {docs}: has only {doc_count} documents, none left for training after "
+                            f"--val-docs {val_docs}; lower --val-docs")
+        writers["train"].close()
+        stage.stage_tokenizer(tokenizer)
+        stage.commit(log)
 
-    writers = {"val": ShardWriter(dataset_dir, "val", shard_tokens), "train": None}
-    doc_count = token_count = 0
-    t0 = last = time.time()
-    for tokens, lengths in encoded_chunks(docs, tokenizer_path, workers):
-        split_at = min(max(val_docs - doc_count, 0), len(lengths))  # documents of this chunk that are val
-        cut = int(lengths[:split_at].sum())
-        if split_at:
-            writers["val"].add(tokens[:cut])
-        if split_at < len(lengths):
-            if writers["train"] is None:
-                writers["val"].close()
-                writers["train"] = ShardWriter(dataset_dir, "train", shard_tokens)
-            writers["train"].add(tokens[cut:])
-        doc_count += len(lengths)
-        token_count += len(tokens)
-        now = time.time()
-        if log and now - last >= PROGRESS_SECONDS:
-            last = now
-            log(f"{doc_count:,} docs ({doc_count / (now - t0):,.0f} docs/s), {token_count:,} tokens")
-    writers["val"].close()
-    if writers["train"] is None:
-        raise DocsError(f"--docs {docs}: has only {doc_count} documents, none left for training after "
-                        f"--val-docs {val_docs}; lower --val-docs")
-    writers["train"].close()
-    return dict(dataset_dir=dataset_dir, tokenizer_path=tokenizer_path, vocab_size=vocab_size,
+    def final(paths):
+        return [os.path.join(stage.dataset_dir, os.path.basename(p)) for p in paths]
+
+    return dict(dataset_dir=stage.dataset_dir, tokenizer_path=stage.tokenizer_path, vocab_size=vocab_size,
                 val_docs=val_docs, train_docs=doc_count - val_docs,
                 val_tokens=writers["val"].tokens, train_tokens=writers["train"].tokens,
-                val_shards=writers["val"].paths, train_shards=writers["train"].paths, seconds=time.time() - t0)
+                val_shards=final(writers["val"].paths), train_shards=final(writers["train"].paths),
+                seconds=time.time() - t0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,13 +529,19 @@ def main(argv=None) -> int:
 
     try:
         tokenizer = args.tokenizer
-        if args.train_tokenizer:
-            prefix = os.path.join(args.out, "tokenizers", f"fineweb_{args.vocab_size}_bpe")
-            tokenizer = train_tokenizer(args.docs, prefix, args.vocab_size, args.val_docs, args.sample_mb, log)
-        s = build_dataset(args.docs, args.out, tokenizer, args.val_docs, args.shard_tokens, args.workers, log)
+        # A trained tokenizer is written to a scratch folder; build_dataset installs it only with the
+        # finished dataset, so a failure cannot leave a new tokenizer beside the old shards.
+        with tempfile.TemporaryDirectory(prefix="tokenize_docs-") as scratch:
+            if args.train_tokenizer:
+                check_options(args.val_docs, args.shard_tokens, args.sample_mb)
+                check_docs(args.docs)
+                check_out(args.out)  # before minutes of training
+                prefix = os.path.join(scratch, f"fineweb_{args.vocab_size}_bpe")
+                tokenizer = train_tokenizer(args.docs, prefix, args.vocab_size, args.val_docs, args.sample_mb, log)
+            s = build_dataset(args.docs, args.out, tokenizer, args.val_docs, args.shard_tokens, args.workers, log)
     except DocsError as e:
         print(f"tokenize_docs: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     log(f"done in {s['seconds']:.1f}s: val {s['val_docs']:,} docs / {s['val_tokens']:,} tokens in "
         f"{len(s['val_shards'])} shard(s), train {s['train_docs']:,} docs / {s['train_tokens']:,} tokens in "
         f"{len(s['train_shards'])} shard(s)")

@@ -154,7 +154,7 @@ def test_cli_error_exits_with_one_line(tmp_path, tiny_tokenizer, case):
     if case == "bad json in a worker":
         args[-3] = "2"  # --workers 2
     code, stderr = run_cli(*args)
-    assert code == 1 and "\n" not in stderr and stderr.startswith("tokenize_docs: error: ")
+    assert code == 2 and "\n" not in stderr and stderr.startswith("tokenize_docs: error: ")
     expected = {"missing file": "absent.jsonl: no such file", "bad json": "docs.jsonl:3: not valid JSON",
                 "no text field": 'docs.jsonl:2: the object has no "text" field',
                 "text not a string": 'docs.jsonl:4: "text" is a int, not a string',
@@ -166,6 +166,180 @@ def test_cli_error_exits_with_one_line(tmp_path, tiny_tokenizer, case):
 def test_cli_usage_errors(tmp_path, tiny_tokenizer):
     code, stderr = run_cli("--docs", "x.jsonl", "--train-tokenizer")
     assert code == 2 and "--train-tokenizer needs --vocab-size" in stderr
+
+
+# A failed run must leave an existing dataset (shards and tokenizer) byte-identical: everything is
+# written into a temporary folder and swapped in only when the whole input has been read.
+
+
+def snapshot(folder):
+    """{relative path: bytes (files), link target (symlinks) or None (folders)}, hidden entries included."""
+    tree = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if os.path.islink(path):
+                tree[rel] = "-> " + os.readlink(path)
+            elif os.path.isdir(path):
+                tree[rel] = None
+            else:
+                with open(path, "rb") as f:
+                    tree[rel] = f.read()
+    return tree
+
+
+@pytest.fixture(scope="module")
+def built_data(tmp_path_factory, tiny_tokenizer, docs60):
+    """A DATA_DIR built from docs60 (val 5, 500-token shards: several of each split) plus a file of
+    the user's own in the dataset folder; copy it before use."""
+    folder = tmp_path_factory.mktemp("built")
+    docs = write_docs(folder / "docs.jsonl", docs60)
+    s = td.build_dataset(docs, str(folder / "data"), tiny_tokenizer, val_docs=5, shard_tokens=500)
+    assert len(s["val_shards"]) > 1 and len(s["train_shards"]) > 5
+    with open(os.path.join(s["dataset_dir"], "NOTES.txt"), "w") as f:
+        f.write("kept across rebuilds\n")
+    return folder / "data"
+
+
+BAD_INPUTS = {  # case: (lines of the --docs file, or None for a case-specific file; extra args; message)
+    "missing file": (None, [], "absent.jsonl: no such file"),
+    "empty file": ("", [], "docs.jsonl: no documents (the file is empty or has only blank lines)"),
+    "blank lines only": ("\n  \n\t\n", [], "docs.jsonl: no documents"),
+    "not json after shards were written": (20, [], "docs.jsonl:21: not valid JSON"),
+    "not json, two workers": (20, ["--workers", "2"], "docs.jsonl:21: not valid JSON"),
+    "no text field": (20, [], 'docs.jsonl:21: the object has no "text" field'),
+    "too few documents": (5, ["--val-docs", "5"], "has only 5 documents, none left for training after --val-docs 5"),
+    "empty xz": (None, [], "docs.jsonl.xz: not a valid .xz file"),
+    "garbage xz": (None, [], "docs.jsonl.xz: not a valid .xz file"),
+    "truncated xz": (None, [], "docs.jsonl.xz: not a valid .xz file (Compressed file ended"),
+    "not a tokenizer": (20, [], "junk.model: not a SentencePiece model"),
+    "out not writable": (20, [], "cannot write there"),
+    "out is a file": (20, [], "is not a folder"),
+    "disk full": (20, [], "No space left on device"),
+    "val-docs negative": (20, ["--val-docs", "-3"], "--val-docs -3: must be at least 1"),
+    "val-docs negative, trained tokenizer": (20, ["--val-docs", "-1", "--train-tokenizer", "--vocab-size", "512"],
+                                             "--val-docs -1: must be at least 1"),
+    "not json after the tokenizer's sample": (60, ["--train-tokenizer", "--vocab-size", "512", "--sample-mb", "0.03"],
+                                              "docs.jsonl:61: not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_leaves_the_old_dataset_untouched(case, tmp_path, tiny_tokenizer, docs60, built_data, monkeypatch,
+                                                    capsys):
+    """Exit status 2, one line naming the file and the problem, and the DATA_DIR built before (shards,
+    tokenizer, the user's file) byte-identical, with no temporary files left behind."""
+    out = tmp_path / "data"
+    shutil.copytree(built_data, out, symlinks=True)
+    before = snapshot(out)
+    monkeypatch.setattr(td, "CHUNK_DOCS", 4)  # shards are written long before a bad line is read
+    lines, extra, expected = BAD_INPUTS[case]
+    docs = tmp_path / ("docs.jsonl.xz" if "xz" in case else "docs.jsonl")
+    if isinstance(lines, int):
+        bad = '{"text": "unterminated\n' if "json" in case else json.dumps({"body": "x"}) + "\n"
+        write_docs(docs, docs60[:lines])
+        if "too few" not in case:
+            with open(docs, "a") as f:
+                f.write(bad)
+    elif lines is not None:
+        docs.write_text(lines)
+    elif case == "missing file":
+        docs = tmp_path / "absent.jsonl"
+    elif case == "empty xz":
+        docs.write_bytes(b"")
+    elif case == "garbage xz":
+        docs.write_bytes(b"definitely not xz")
+    elif case == "truncated xz":
+        whole = lzma.compress("".join(json.dumps({"text": t}) + "\n" for t in docs60).encode())
+        docs.write_bytes(whole[:len(whole) * 2 // 3])
+    tokenizer = tiny_tokenizer
+    if case == "not a tokenizer":
+        tokenizer = str(tmp_path / "junk.model")
+        open(tokenizer, "wb").write(b"junk")
+    target = out
+    if case == "out is a file":
+        target = out / "datasets" / "fineweb10B_sp512" / "NOTES.txt" / "data"
+    if case == "out not writable":  # a permission check that holds as root too
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: (not str(p).startswith(str(out)) or not mode & os.W_OK)
+                            and real_access(p, mode, **kw))
+    if case == "disk full":
+        def full_disk_after_two_shards(path, tokens, written=[]):
+            if len(written) == 2:
+                raise OSError(28, "No space left on device", path)
+            written.append(path)
+            write_shard(path, tokens)
+        monkeypatch.setattr(td, "shard_writer", lambda: full_disk_after_two_shards)
+    args = ["--docs", str(docs), "--out", str(target), "--shard-tokens", "500", "--workers", "1"] + extra
+    if "--val-docs" not in extra:
+        args += ["--val-docs", "5"]
+    if "--train-tokenizer" not in extra:
+        args += ["--tokenizer", tokenizer]
+    assert td.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("tokenize_docs: error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0] and expected in errors[0], err
+    assert len(err) == 1 or "--train-tokenizer" in extra  # (training logs one line of progress first)
+    assert snapshot(out) == before
+
+
+def test_bad_input_in_a_real_process_after_shards_were_written(tmp_path, tiny_tokenizer, built_data):
+    """As above through the command line, with the bad line in the second 2048-document chunk (so
+    the first chunk's shards are already written) and two worker processes."""
+    out = tmp_path / "data"
+    shutil.copytree(built_data, out, symlinks=True)
+    before = snapshot(out)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "a few words"}) + "\n" * 1 + (json.dumps({"text": "x y"}) + "\n") * 2100
+                    + "not json\n")
+    code, stderr = run_cli("--docs", str(docs), "--out", str(out), "--tokenizer", tiny_tokenizer, "--val-docs", "5",
+                           "--shard-tokens", "500", "--workers", "2")
+    lines = stderr.splitlines()  # a slow machine may log a progress line first
+    assert code == 2 and lines[-1] == f"tokenize_docs: error: {docs}:2102: not valid JSON (Expecting value at column 1)"
+    assert "Traceback" not in stderr and sum("error" in line for line in lines) == 1
+    assert snapshot(out) == before
+
+
+def test_a_failed_first_build_leaves_nothing(tmp_path, tiny_tokenizer, docs60):
+    docs = write_docs(tmp_path / "docs.jsonl", docs60[:3])
+    out = tmp_path / "new" / "data"
+    with pytest.raises(td.DocsError, match="none left for training"):
+        td.build_dataset(docs, str(out), tiny_tokenizer, val_docs=3)
+    assert os.listdir(tmp_path) == ["docs.jsonl"]
+
+
+def test_a_relative_out_folder(tmp_path, tiny_tokenizer, docs60, monkeypatch):
+    """--out relative to the working directory, and not there yet: built, then rebuilt in place."""
+    monkeypatch.chdir(tmp_path)
+    docs = write_docs(tmp_path / "docs.jsonl", docs60)
+    for _ in range(2):
+        s = td.build_dataset("docs.jsonl", os.path.join("new", "data"), tiny_tokenizer, val_docs=5, shard_tokens=4000)
+        assert s["dataset_dir"] == os.path.join("new", "data", "datasets", "fineweb10B_sp512")
+        assert all(os.path.isfile(p) for p in s["val_shards"] + s["train_shards"])
+    assert sorted(os.listdir("new/data/datasets")) == ["fineweb10B_sp512"] and os.path.isfile(docs)
+
+
+def test_a_successful_rebuild_replaces_the_dataset(tmp_path, tiny_tokenizer, docs60, built_data, capsys):
+    """Old shards all go (the new build has fewer), the tokenizer is replaced, the user's file stays,
+    and no temporary file is left."""
+    out = tmp_path / "data"
+    shutil.copytree(built_data, out, symlinks=True)
+    dataset = out / "datasets" / "fineweb10B_sp512"
+    (out / "tokenizers" / "fineweb_512_bpe.model").write_bytes(b"an old model")
+    docs = write_docs(tmp_path / "docs.jsonl", docs60[30:])
+    assert td.main(["--docs", docs, "--out", str(out), "--tokenizer", tiny_tokenizer, "--val-docs", "3",
+                    "--shard-tokens", "4000", "--workers", "1"]) == 0
+    assert f"replaced the old dataset in {dataset}" in capsys.readouterr().err
+    assert sorted(os.listdir(out / "datasets")) == ["fineweb10B_sp512"]
+    assert sorted(os.listdir(out / "tokenizers")) == ["fineweb_512_bpe.model", "fineweb_512_bpe.vocab"]
+    assert (out / "tokenizers" / "fineweb_512_bpe.model").read_bytes() == open(tiny_tokenizer, "rb").read()
+    names = sorted(os.listdir(dataset))
+    assert names[0] == "NOTES.txt" and (dataset / "NOTES.txt").read_text() == "kept across rebuilds\n"
+    sp = spm.SentencePieceProcessor(model_file=tiny_tokenizer)
+    stream = np.concatenate(shards_of(dataset, "val") + shards_of(dataset, "train"))
+    assert np.array_equal(stream, np.concatenate([[BOS_ID] + ids for ids in sp.encode(docs60[30:])]))
+    assert len(names) == 1 + len(shards_of(dataset, "val")) + len(shards_of(dataset, "train"))
 
 
 # ---------------------------------------------------------------------------------------------
