@@ -331,6 +331,13 @@ def setup_distributed(h: Hyperparameters) -> torch.device:
     else:
         device = torch.device("cpu")
     if h.distributed:
+        # Before init_process_group: torch.distributed.nn's functions take `group=group.WORLD` as a
+        # default argument, evaluated on import, and torch.optim imports it (through torch._dynamo)
+        # on the first add_param_group. Imported later, those defaults would hold the process
+        # group, so destroy_process_group() could not free it: gloo's threads would live on into
+        # interpreter shutdown and abort it (SIGABRT, "terminate called without an active
+        # exception"). Imported now, they hold None.
+        from torch.distributed import nn as _dist_nn  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(minutes=10))
     return device

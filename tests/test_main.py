@@ -12,8 +12,9 @@ import train_gpt as tg
 from tests.conftest import TINY_ENV
 
 # Wide enough that the MLP matrices (640 x 128 > 65,536 elements) go through GPTQ at int6.
+# Validation rows of 512 tokens (VAL_BATCH_TOKENS / 8) and TTT chunks of 32: fewer, larger calls.
 E2E_ENV = dict(TINY_ENV, MODEL_DIM="128", MLP_MULT="5", NUM_HEADS="4", NUM_KV_HEADS="2", ITERATIONS="3",
-               WARMUP_STEPS="2", TTT_ENABLED="0", COMPRESSOR="lzma")
+               WARMUP_STEPS="2", TTT_ENABLED="0", COMPRESSOR="lzma", VAL_BATCH_TOKENS="4096", TTT_CHUNK_SIZE="32")
 
 
 def run_main(monkeypatch, env: dict) -> int:
