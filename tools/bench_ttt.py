@@ -51,6 +51,8 @@ import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train import _env_pair, write_json  # noqa: E402  (the same --set parsing and JSON output)
 REGIONS = ("forward", "score", "backward", "optimizer")
 E2E_REGIONS = ("forward", "score+backward", "optimizer", "between chunks")
 DEFAULT_BATCHES = (64, 32, 8, 1)
@@ -72,13 +74,6 @@ def parse_int_list(text: str) -> tuple[int, ...]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r} must list positive integers")
     return values
-
-
-def _env_pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key or not key.replace("_", "").isalnum() or key != key.upper():
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with an upper-case variable name")
-    return key, value
 
 
 def _non_negative(text: str) -> int:
@@ -757,8 +752,6 @@ def main(argv: list[str] | None = None) -> int:
     result = run_benchmark(args)
     print(format_report(result), flush=True)
     if args.out:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from bench_train import write_json  # one JSON writer for both benchmarks
         write_json(result, args.out)
         print(f"wrote {args.out}")
     return 0
