@@ -135,14 +135,17 @@ CASES = [
 
 
 @pytest.mark.parametrize("overrides, code, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_a_nonzero_exit(tiny_dataset, tmp_path, monkeypatch, capsys, overrides, code,
-                                                  words):
+def test_bad_input_is_one_line_and_a_nonzero_exit(tiny_dataset, tmp_path, monkeypatch, capsys, request, overrides,
+                                                  code, words):
     env = dict(TINY_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path / "run"))
     if callable(overrides):
         overrides = overrides(str(tmp_path), env)
     env.update({k: v.format(tmp=tmp_path) for k, v in overrides.items()})
     assert run_main(monkeypatch, env) == code
     err = capsys.readouterr().err.strip()
+    if os.environ.get("BAD_INPUT_TABLE"):  # BAD_INPUT_TABLE=file appends each case's row, for reports
+        with open(os.environ["BAD_INPUT_TABLE"], "a") as f:
+            f.write(f"| {request.node.callspec.id} | {code} | `{err.replace(str(tmp_path), '<tmp>')}` |\n")
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     for word in words:
         assert word in err, (word, err)

@@ -161,3 +161,12 @@ def test_rng_state_round_trip():
     tg.set_rng_state(state)
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+def test_val_loss_every_0_validates_only_at_the_end(make_hparams):
+    h = make_hparams(ITERATIONS=2, VAL_LOSS_EVERY=0, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256)
+    model = tg.build_model(h, torch.device("cpu"))
+    trainer = tg.Trainer(h, model, model, torch.device("cpu"), _quiet)
+    validated = []
+    stats = trainer.train(lambda step: validated.append(step) or (1.0, 1.0))
+    assert validated == [2] and stats["steps"] == 2
