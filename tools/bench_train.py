@@ -413,6 +413,16 @@ def _is_device_event(event) -> bool:
     return "annotation" not in activity and "sync" not in activity
 
 
+def launching_ops(events):
+    """(event, its kernels) for every CPU-side profiler event that launched GPU kernels."""
+    for ev in events:
+        if getattr(ev, "device_type", None) != torch.autograd.DeviceType.CPU or getattr(ev, "is_async", False):
+            continue
+        kernels = getattr(ev, "kernels", None)
+        if kernels:
+            yield ev, kernels
+
+
 def kernel_records(events) -> list[tuple[str, str | None, float, int]]:
     """(kernel name, scope, microseconds, kernel count) covering every GPU activity in a
     profiler's events().
@@ -429,12 +439,7 @@ def kernel_records(events) -> list[tuple[str, str | None, float, int]]:
             device_us[ev.name] += ev.time_range.end - ev.time_range.start
             device_n[ev.name] += 1
     claims: dict[str, list[tuple[str | None, float]]] = collections.defaultdict(list)
-    for ev in events:
-        if getattr(ev, "device_type", None) != torch.autograd.DeviceType.CPU or getattr(ev, "is_async", False):
-            continue
-        kernels = getattr(ev, "kernels", None)
-        if not kernels:
-            continue
+    for ev, kernels in launching_ops(events):
         scope = enclosing_scope(ev)
         for k in kernels:
             if k.name in device_us:  # not a GPU-side annotation span or a filtered event

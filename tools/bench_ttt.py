@@ -52,7 +52,7 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import _env_pair, write_json  # noqa: E402  (the same --set parsing and JSON output)
+from bench_train import _env_pair, _non_negative, launching_ops, write_json  # noqa: E402  (shared with bench_train)
 REGIONS = ("forward", "score", "backward", "optimizer")
 E2E_REGIONS = ("forward", "score+backward", "optimizer", "between chunks")
 DEFAULT_BATCHES = (64, 32, 8, 1)
@@ -74,13 +74,6 @@ def parse_int_list(text: str) -> tuple[int, ...]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r} must list positive integers")
     return values
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -467,14 +460,8 @@ def _launch_records(events) -> list[tuple]:
     bench_shape: region from the enclosing bench_ttt:: range (backward ops run on autograd's own
     thread, outside it: 'backward'), outer op the outermost ancestor below that range (autograd
     nodes without their 'autograd::engine::evaluate_function: ' prefix)."""
-    import torch
     out = []
-    for ev in events:
-        if getattr(ev, "device_type", None) != torch.autograd.DeviceType.CPU or getattr(ev, "is_async", False):
-            continue
-        kernels = getattr(ev, "kernels", None)
-        if not kernels:
-            continue
+    for ev, kernels in launching_ops(events):
         chain, region, e = [], None, ev
         while e is not None:
             if e.name.startswith("bench_ttt::"):
