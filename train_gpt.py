@@ -32,6 +32,7 @@ import base64
 import concurrent.futures
 import copy
 import datetime
+import functools
 import glob
 import io
 import json
@@ -2070,6 +2071,7 @@ def _without_argument_annotations(source: str) -> str:
     return ast.unparse(tree)
 
 
+@functools.lru_cache(maxsize=2)  # plan_artifact and write_artifact both need it; minifying takes seconds
 def minified_code_stub(source: str) -> str:
     """The self-extracting stub for `source`; its UTF-8 length is the counted code size."""
     try:
