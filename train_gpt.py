@@ -142,7 +142,7 @@ class Hyperparameters:
         self.parallel_start_layer = get("PARALLEL_START_LAYER", 8, ">=0")
         self.parallel_final_lane = get("PARALLEL_FINAL_LANE", "mean")
         self.tied_embed_init_std = get("TIED_EMBED_INIT_STD", 0.005, ">=0")
-        self.attn_backend = get("ATTN_BACKEND", "")  # fa3 | varlen | sdpa; empty: best available
+        self.attn_backend = get("ATTN_BACKEND", "")  # fa3 | fa4 | varlen | sdpa; empty: best available
         self.fused_mlp = bool(get("FUSED_MLP", 1, "0/1"))
         # optimizers
         self.min_lr = get("MIN_LR", 0.0, "0..1")
@@ -245,7 +245,7 @@ class Hyperparameters:
             raise ConfigError(f"PARALLEL_START_LAYER={self.parallel_start_layer} must be 0 (off) or after "
                               f"LOOP_END={self.loop_end}: the two lanes cannot re-enter the looped segment")
         for name, value, allowed in (("PARALLEL_FINAL_LANE", self.parallel_final_lane, ("mean", "mlp", "attn")),
-                                     ("ATTN_BACKEND", self.attn_backend, ("", "fa3", "varlen", "sdpa")),
+                                     ("ATTN_BACKEND", self.attn_backend, ("", "fa3", "fa4", "varlen", "sdpa")),
                                      ("TTT_OPTIMIZER", self.ttt_optimizer, ("adam", "sgd")),
                                      ("COMPRESSOR", self.compressor, ("brotli", "lzma"))):
             if value not in allowed:
@@ -1033,29 +1033,29 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention backends. FlashAttention 3 is fastest on Hopper but is not on PyPI; torch's own
-# varlen_attn (torch >= 2.10) runs the same document-isolated attention on any recent GPU; SDPA
-# with a per-document causal mask is the portable reference (CPU, tests). One is chosen at start
-# and logged.
+# Attention backends. FlashAttention 3 is fastest on Hopper but is not on PyPI; FlashAttention 4
+# (pip install flash-attn-4: CuTe DSL kernels, JIT-compiled, Hopper and Blackwell) is about as fast
+# and installs from PyPI; torch's own varlen_attn (torch >= 2.10, FA2-class kernels) runs the same
+# document-isolated attention on any recent GPU; SDPA with a per-document causal mask is the
+# portable reference (CPU, tests). One is chosen at start and logged.
 # Layout everywhere: q [B, T, Hq, D], k/v [B, T, Hkv, D]; cu_seqlens (B == 1) cuts the row into
 # documents, otherwise each row is one causal sequence.
 # ---------------------------------------------------------------------------------------------
 
 
+ATTENTION_NEEDS = {"fa3": "CUDA and flash_attn_interface (FlashAttention 3)",
+                   "fa4": "a Hopper or Blackwell GPU and pip install flash-attn-4",
+                   "varlen": "CUDA and torch >= 2.10", "sdpa": ""}
+
+
 def pick_attention_backend(requested: str = "") -> str:
+    checks = {"fa3": lambda: torch.cuda.is_available() and _has_fa3(), "fa4": _has_fa4,
+              "varlen": lambda: torch.cuda.is_available() and _has_varlen_attn(), "sdpa": lambda: True}
     if requested:
-        available = {"sdpa": True, "varlen": torch.cuda.is_available() and _has_varlen_attn(),
-                     "fa3": torch.cuda.is_available() and _has_fa3()}
-        if not available[requested]:
-            raise ConfigError(f"ATTN_BACKEND={requested} is not available here (needs CUDA"
-                              f"{' and flash_attn_interface' if requested == 'fa3' else ' and torch >= 2.10'})")
+        if not checks[requested]():
+            raise ConfigError(f"ATTN_BACKEND={requested} is not available here (needs {ATTENTION_NEEDS[requested]})")
         return requested
-    if torch.cuda.is_available():
-        if _has_fa3():
-            return "fa3"
-        if _has_varlen_attn():
-            return "varlen"
-    return "sdpa"
+    return next(name for name in ("fa3", "fa4", "varlen", "sdpa") if checks[name]())
 
 
 def _has_fa3() -> bool:
@@ -1064,6 +1064,65 @@ def _has_fa3() -> bool:
         return True
     except ImportError:
         return False
+
+
+def _has_fa4() -> bool:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10):
+        return False
+    try:
+        _fa4_interface()
+        return True
+    except ImportError:
+        return False
+
+
+def _fa4_interface():
+    import flash_attn.cute.interface as fa4  # about 7 s the first time: it loads the CuTe DSL
+    return fa4
+
+
+# FlashAttention 4 as a torch custom op with its own backward, so torch.compile keeps one graph
+# around it: its Python API is an autograd.Function, which the compiler would break the graph on.
+@torch.library.custom_op("train_gpt::fa4_varlen", mutates_args=())
+def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> tuple[Tensor, Tensor]:
+    """Causal attention within each segment of cu_seqlens: q [N, Hq, D], k/v [N, Hkv, D] ->
+    (out [N, Hq, D], log-sum-exp [Hq, N] fp32)."""
+    out, lse = _fa4_interface()._flash_attn_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                                max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, causal=True,
+                                                return_lse=True)[:2]
+    return out, lse
+
+
+@fa4_varlen.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen):
+    return torch.empty_like(q), q.new_empty((q.size(1), q.size(0)), dtype=torch.float32)
+
+
+@torch.library.custom_op("train_gpt::fa4_varlen_backward", mutates_args=())
+def fa4_varlen_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                        cu_seqlens: Tensor, max_seqlen: int) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _fa4_interface()._flash_attn_bwd(q, k, v, out, grad, lse, causal=True, cu_seqlens_q=cu_seqlens,
+                                                  cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                                                  max_seqlen_k=max_seqlen)[:3]
+    return dq, dk, dv
+
+
+@fa4_varlen_backward.register_fake
+def _(grad, q, k, v, out, lse, cu_seqlens, max_seqlen):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_save(ctx, inputs, output):
+    q, k, v, cu_seqlens, ctx.max_seqlen = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens)
+
+
+def _fa4_grad(ctx, grad, _grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    return *fa4_varlen_backward(grad.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen), None, None
+
+
+fa4_varlen.register_autograd(_fa4_grad, setup_context=_fa4_save)
 
 
 def _has_varlen_attn() -> bool:
@@ -1082,13 +1141,16 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None,
             return fa3.flash_attn_func(q, k, v, causal=True)
         return fa3.flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                           causal=True)[None]
-    if backend == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
+    if backend in ("varlen", "fa4"):
         B, T = q.shape[:2]
         if cu_seqlens is None:  # dense rows are documents of length T
             cu_seqlens, max_seqlen = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32), T
-        y = varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
-                        max_seqlen, max_seqlen, window_size=(-1, 0), **_VARLEN_GQA)
+        q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+        if backend == "fa4":
+            y = fa4_varlen(q, k, v, cu_seqlens, max_seqlen)[0]
+        else:
+            from torch.nn.attention.varlen import varlen_attn
+            y = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=(-1, 0), **_VARLEN_GQA)
         return y.view(B, T, *y.shape[1:])
     # SDPA with a block-diagonal causal mask: a token sees earlier tokens of its own segment only.
     # O(T^2) memory, so this is the portable reference path (CPU, tests), not a training path.
@@ -2058,16 +2120,19 @@ def script_source() -> str:
     return "".join(lines)
 
 
-def _without_argument_annotations(source: str) -> str:
-    """source with the argument annotations of every function except Triton kernels removed."""
+def _without_annotations(source: str) -> str:
+    """source with the argument and return annotations removed from every function except those
+    that read their own: Triton kernels (`BLOCK: tl.constexpr`) and torch custom ops (the schema)."""
     import ast
     tree = ast.parse(source)
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and not any(ast.unparse(d).endswith("jit") for d in node.decorator_list):
+        if isinstance(node, ast.FunctionDef) and not any(
+                ast.unparse(d).split("(")[0].endswith(("jit", "custom_op")) for d in node.decorator_list):
             args = node.args
             for arg in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
                 if arg is not None:
                     arg.annotation = None
+            node.returns = None
     return ast.unparse(tree)
 
 
@@ -2078,13 +2143,13 @@ def minified_code_stub(source: str) -> str:
         import python_minifier
     except ImportError:
         raise ConfigError("code-size accounting needs python_minifier: pip install python-minifier") from None
-    # The record's pyminify flags, except that argument annotations stay for the minifier: Triton
-    # reads `BLOCK: tl.constexpr` from them, and without them the stub's kernels fail to compile.
-    # Every other argument annotation is dropped beforehand (nothing evaluates them here).
+    # The record's pyminify flags, except that function annotations stay for the minifier: Triton
+    # reads `BLOCK: tl.constexpr` from them and torch.library.custom_op its schema, so the stub
+    # would fail without them. Every other function annotation is dropped beforehand.
     keep_args = python_minifier.RemoveAnnotationsOptions(
-        remove_variable_annotations=True, remove_return_annotations=True,
+        remove_variable_annotations=True, remove_return_annotations=False,
         remove_argument_annotations=False, remove_class_attribute_annotations=False)
-    small = python_minifier.minify(_without_argument_annotations(source), remove_annotations=keep_args,
+    small = python_minifier.minify(_without_annotations(source), remove_annotations=keep_args,
                                    rename_locals=False, hoist_literals=False, remove_literal_statements=True)
     packed = base64.b85encode(lzma.compress(small.encode("utf-8"))).decode("ascii")  # b85 has no quote or backslash
     f = STUB_FILENAME

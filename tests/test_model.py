@@ -214,7 +214,7 @@ def test_sdpa_segments_are_per_document_attention():
 
 def _backend_params():
     out = []
-    for backend in ("sdpa", "varlen", "fa3"):
+    for backend in ("sdpa", "varlen", "fa3", "fa4"):
         try:
             tg.pick_attention_backend(backend)
             available = True
@@ -322,10 +322,77 @@ def test_rope_scores_depend_only_on_offset():
 def test_attention_backend_choice_on_cpu():
     if not torch.cuda.is_available():
         assert tg.pick_attention_backend() == "sdpa"
-        for backend in ("varlen", "fa3"):
+        for backend in ("varlen", "fa3", "fa4"):
             with pytest.raises(ConfigError, match=f"ATTN_BACKEND={backend}"):
                 tg.pick_attention_backend(backend)
     assert tg.pick_attention_backend("sdpa") == "sdpa"
+
+
+class ReferenceFA4:
+    """Stands in for flash_attn.cute.interface on CPU: the two functions the fa4 custom ops call,
+    with FlashAttention 4's signatures and layouts, computed per segment in fp64."""
+
+    @staticmethod
+    def _segments(q, k, v, cu_seqlens):
+        """(start, end, q, k, v, probabilities) per segment, heads first, K/V expanded to Q's heads."""
+        group, scale = q.size(1) // k.size(1), 1 / math.sqrt(q.size(-1))
+        for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+            qs, ks, vs = (t[a:b].double().transpose(0, 1) for t in (q, k.repeat_interleave(group, 1),
+                                                                    v.repeat_interleave(group, 1)))
+            s = (qs @ ks.mT * scale).masked_fill(~torch.ones(b - a, b - a).tril().bool(), -math.inf)
+            yield a, b, qs, ks, vs, s
+
+    @classmethod
+    def _flash_attn_fwd(cls, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, return_lse):
+        assert causal and return_lse and cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k
+        out, lse = torch.zeros_like(q), q.new_zeros(q.size(1), q.size(0), dtype=torch.float32)
+        for a, b, _, _, vs, s in cls._segments(q, k, v, cu_seqlens_q):
+            lse[:, a:b] = s.logsumexp(-1).float()
+            out[a:b] = (s.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
+        return out, lse, None, None, None
+
+    @classmethod
+    def _flash_attn_bwd(cls, q, k, v, out, grad, lse, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        """The textbook attention backward, written out (custom-op kernels run without autograd)."""
+        group, scale = q.size(1) // k.size(1), 1 / math.sqrt(q.size(-1))
+        dq = torch.zeros_like(q, dtype=torch.float64)
+        dk, dv = (torch.zeros(q.shape, dtype=torch.float64) for _ in range(2))
+        for a, b, qs, ks, vs, s in cls._segments(q, k, v, cu_seqlens_q):
+            p, do, o = s.softmax(-1), grad[a:b].double().transpose(0, 1), out[a:b].double().transpose(0, 1)
+            ds = p * (do @ vs.mT - (do * o).sum(-1, keepdim=True))
+            dq[a:b] = (ds @ ks * scale).transpose(0, 1)
+            dk[a:b] = (ds.mT @ qs * scale).transpose(0, 1)
+            dv[a:b] = (p.mT @ do).transpose(0, 1)
+        dk, dv = (t.unflatten(1, (k.size(1), group)).sum(2) for t in (dk, dv))  # GQA: sum over each group
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def test_fa4_custom_op_forward_backward_and_registration(monkeypatch):
+    """The fa4 backend's wiring (custom op, fake shapes, autograd, the dense-row path) on CPU, with the
+    kernels replaced by a reference: same outputs and gradients as SDPA with the segment mask."""
+    monkeypatch.setattr(tg, "_fa4_interface", lambda: ReferenceFA4)
+    torch.manual_seed(0)
+    lengths = [5, 1, 9, 3]
+    cu = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
+    q, k, v = (torch.randn(1, sum(lengths), h, 8, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    grad = torch.randn(1, sum(lengths), 4, 8, dtype=torch.float64)
+    got = tg.causal_attention(q, k, v, cu, max(lengths), "fa4")
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    ref = tg.causal_attention(q, k, v, cu, max(lengths), "sdpa")
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    # dense rows (TTT's layout): each row one causal document
+    dq = torch.randn(3, 6, 4, 8, dtype=torch.float64)
+    dk, dv = torch.randn(3, 6, 2, 8, dtype=torch.float64), torch.randn(3, 6, 2, 8, dtype=torch.float64)
+    torch.testing.assert_close(tg.causal_attention(dq, dk, dv, None, 0, "fa4"),
+                               tg.causal_attention(dq, dk, dv, None, 0, "sdpa"))
+    # schema, fake (meta) kernel and autograd registration as torch.compile sees them
+    args = (q[0].detach().requires_grad_(), k[0].detach().requires_grad_(), v[0].detach().requires_grad_(),
+            cu, max(lengths))
+    torch.library.opcheck(tg.fa4_varlen, args, test_utils=("test_schema", "test_autograd_registration",
+                                                           "test_faketensor"))
 
 
 # ---------------------------------------------------------------------------------------------
