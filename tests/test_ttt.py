@@ -101,9 +101,15 @@ def test_ttt_chunk_inputs_windows_and_coverage(window):
     covered = [torch.zeros(p, dtype=torch.int64) for p in pred_lens]
     for ci in range(-(-pred_lens[0] // CHUNK)):
         n = sum(p > ci * CHUNK for p in pred_lens)  # the documents that have chunk ci (a prefix)
-        x, y, scored = tg.ttt_chunk_inputs(tokens, torch.tensor(starts[:n]), torch.tensor(pred_lens[:n]),
-                                           ci, CHUNK, window)
-        assert x.shape == y.shape == scored.shape == (n, min((ci + 1) * CHUNK, window))
+        # as TTTSlots holds them: a rounded-up slot count (empty slots: pred_len 0) and a padded window
+        size = tg.ttt_slot_bucket(n + 1)
+        context = tg.ttt_context_bucket(ci, CHUNK, window)
+        pad = [0] * (size - n)
+        x, y, at, scored = tg.ttt_chunk_inputs(tokens, torch.tensor(starts[:n] + pad), torch.tensor(pred_lens[:n] + pad),
+                                               torch.tensor(ci), CHUNK, window, context)
+        assert x.shape == y.shape == (size, context) and at.shape == scored.shape == (size, CHUNK)
+        assert context >= min((ci + 1) * CHUNK, window)
+        assert not x[n:].any() and not y[n:].any() and not scored[n:].any()  # empty slots score nothing
         for i in range(n):
             end = min(pred_lens[i], (ci + 1) * CHUNK)  # the chunk's end: its last target is doc token `end`
             width = int((x[i] != 0).sum())
@@ -112,11 +118,26 @@ def test_ttt_chunk_inputs_windows_and_coverage(window):
             assert torch.equal(x[i, :width], doc[end - width:end])
             assert torch.equal(y[i, :width], doc[end - width + 1:end + 1])
             assert not x[i, width:].any() and not y[i, width:].any()
-            scored_at = torch.nonzero(scored[i]).flatten() + end - width  # target positions in the doc
+            scored_at = at[i][scored[i]] + end - width  # target positions in the doc
             assert torch.equal(scored_at, torch.arange(ci * CHUNK, end))
+            assert torch.equal(at[i][scored[i]], torch.arange(ci * CHUNK, end) - (end - width))  # in order
             covered[i][scored_at] += 1
     for c in covered:
         assert torch.equal(c, torch.ones_like(c))
+
+
+@pytest.mark.parametrize("n, expected", [(1, 1), (2, 2), (3, 3), (4, 4), (5, 6), (7, 8), (9, 12), (13, 16),
+                                         (17, 24), (25, 32), (33, 48), (44, 48), (49, 64), (64, 64), (65, 96)])
+def test_slot_bucket_wastes_at_most_a_third(n, expected):
+    assert tg.ttt_slot_bucket(n) == expected and (expected - n) / expected < 1 / 3 + 1e-9
+
+
+def test_context_bucket_is_a_power_of_two_chunks_up_to_the_window():
+    for chunk, window in ((32, 2048), (8, 32), (8, 20), (5, 64)):
+        for ci in range(3 * window // chunk):
+            need, got = min((ci + 1) * chunk, window), tg.ttt_context_bucket(ci, chunk, window)
+            assert need <= got <= window and (got == window or got // chunk & (got // chunk - 1) == 0)
+            assert got < 2 * need
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,26 +151,26 @@ class Recorder:
     def __init__(self, model):
         self.model, self.losses = model, []
 
-    def __call__(self, x, y, cu_seqlens, max_seqlen, lora=None):
-        loss = self.model(x, y, cu_seqlens, max_seqlen, lora)
+    def __call__(self, x, y, cu_seqlens, max_seqlen, lora=None, positions=None):
+        loss = self.model(x, y, cu_seqlens, max_seqlen, lora, positions)
         self.losses.append(loss.detach().double().clone())
         return loss
 
 
 def per_target_losses(losses, batch, chunk=CHUNK, window=WINDOW) -> list[torch.Tensor]:
-    """Forward ci (TTT_GRAD_STEPS=1: one per chunk) has a row for each document that still has
-    chunk ci, longest first; row i column c is target position win_start + c of its document, where
-    the window is the last <= window targets ending at the chunk end. Returns, per document, the
-    loss of each target position from the forward of its chunk."""
+    """Forward ci (TTT_GRAD_STEPS=1: one per chunk) has a row per slot, the documents that still
+    have chunk ci first (longest first), then finished or empty slots; row i column c is the loss of
+    target ci * chunk + c of its document. Returns, per document, the loss of each target position
+    from the forward of its chunk."""
     pred = [n - 1 for _, n in batch]
     out = [torch.full((p,), math.nan, dtype=torch.float64) for p in pred]
     assert len(losses) == -(-pred[0] // chunk)
     for ci, loss in enumerate(losses):
-        assert loss.shape[0] == sum(p > ci * chunk for p in pred)
-        for i in range(loss.shape[0]):
+        active = sum(p > ci * chunk for p in pred)
+        assert loss.shape == (tg.ttt_slot_bucket(active), chunk)
+        for i in range(active):
             end = min(pred[i], (ci + 1) * chunk)
-            win_start = max(0, end - window)
-            out[i][ci * chunk:end] = loss[i, ci * chunk - win_start:end - win_start]
+            out[i][ci * chunk:end] = loss[i, :end - ci * chunk]
     assert all(not o.isnan().any() for o in out)
     return out
 
