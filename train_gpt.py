@@ -2604,10 +2604,10 @@ def ttt_slot_bucket(n: int) -> int:
     return size
 
 
-def ttt_context_bucket(ci: int, chunk: int, window: int) -> int:
-    """Window length of chunk ci, min((ci + 1) * chunk, window), rounded up to chunk * 2^k (the
-    padding is causally invisible to the real tokens and never scored)."""
-    need, size = min((ci + 1) * chunk, window), chunk
+def ttt_context_bucket(need: int, chunk: int, window: int) -> int:
+    """A window of `need` tokens rounded up to chunk * 2^k, at most window (the padding is causally
+    invisible to the real tokens and never scored)."""
+    size = chunk
     while size < need:
         size *= 2
     return min(size, window)
@@ -2689,15 +2689,21 @@ def ttt_chunk_step(model_fn, tokens: Tensor, slots: TTTSlots, ci, context: int, 
         slots.opt.step(slots.lora.stacked(torch.autograd.grad(objective, slots.lora.leaf_list())))
 
 
+# Chunk steps of at least this many slot x window tokens run eagerly at their exact window: there
+# the GPU is busy anyway (64 x 2048: 486 ms per step eagerly and as a graph, on one H200) and a
+# rounded-up window would only add work.
+TTT_EAGER_TOKENS = 32768
+
+
 class TTTRunner:
     """Runs chunk steps for one evaluation: the slot state per size, the score sums, and (CUDA,
-    TTT_CUDA_GRAPHS=1) one CUDA graph per (slots, context, train) captured at its first use and
-    replayed after. Eagerly a chunk step launches ~4,400 small kernels, so the host, not the GPU,
-    set the pace for all but the largest batches. The graphs share one memory pool: they never run
-    at once, and every tensor that outlives a step is allocated outside them."""
+    TTT_CUDA_GRAPHS=1) one CUDA graph per (slots, rounded-up window, train) captured at its first
+    use and replayed after, for steps under eager_from tokens. Eagerly a chunk step launches ~4,400
+    small kernels, so the host, not the GPU, set the pace of the smaller steps. The graphs share one
+    memory pool: they never run at once, and every tensor that outlives a step is allocated outside them."""
 
-    def __init__(self, model: GPT, h: Hyperparameters, device, graphs: bool):
-        self.model, self.h, self.device = model, h, device
+    def __init__(self, model: GPT, h: Hyperparameters, device, graphs: bool, eager_from: float = TTT_EAGER_TOKENS):
+        self.model, self.h, self.device, self.eager_from = model, h, device, eager_from
         self.graphs_on = graphs and torch.device(device).type == "cuda"
         self.slots, self.graphs, self.pool, self.tokens = {}, {}, None, None
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -2712,9 +2718,13 @@ class TTTRunner:
         return self.slots[size]
 
     def step(self, model_fn, tokens: Tensor, slots: TTTSlots, context: int, luts, train: bool):
+        """One chunk step over windows of `context` tokens (the longest row's)."""
+        padded = ttt_context_bucket(context, self.h.ttt_chunk_size, self.h.ttt_eval_seq_len)
+        graphed = self.graphs_on and slots.size * padded < self.eager_from
+        context = padded if graphed else context
         run = lambda: ttt_chunk_step(model_fn, tokens, slots, self.ci, context, self.h, luts, self.sums, train,
                                      self.score_on)
-        if not self.graphs_on:
+        if not graphed:
             return run()
         if tokens is not self.tokens:  # graphs read the tokens they were captured with
             self.graphs.clear()
@@ -2754,7 +2764,7 @@ def ttt_batch(model_fn, model: GPT, tokens: Tensor, batch: list, h: Hyperparamet
         runner.ci.fill_(ci)
         for step in range(h.ttt_grad_steps if train else 1):
             runner.score_on.fill_(1.0 if step == 0 else 0.0)
-            runner.step(model_fn, tokens, slots, ttt_context_bucket(ci, chunk, h.ttt_eval_seq_len), luts, train)
+            runner.step(model_fn, tokens, slots, min((ci + 1) * chunk, h.ttt_eval_seq_len), luts, train)
     nats, nbytes, count = runner.sums.tolist()
     return nats, nbytes, count
 
@@ -2808,7 +2818,9 @@ def warm_up_ttt(model_fn, model: GPT, h: Hyperparameters, luts, device) -> float
         runner = TTTRunner(model, h, device, graphs=h.ttt_cuda_graphs)
         if runner.graphs_on:
             graphed = ttt_batch(model_fn, model, fake, batch, h, luts, runner=runner)
-            if not math.isclose(graphed[0], eager[0], rel_tol=1e-5) or graphed[1:] != eager[1:]:
+            # cuBLAS may pick other kernels under capture, and ~70 adapter steps amplify their rounding
+            # (8e-5 relative seen on a trained model); a graph reading the wrong memory is far off
+            if not math.isclose(graphed[0], eager[0], rel_tol=1e-3) or graphed[1:] != eager[1:]:
                 raise RuntimeError(f"TTT under CUDA graphs scored {graphed} where the eager step scored {eager}; "
                                    f"run with TTT_CUDA_GRAPHS=0 and report this")
     return time.perf_counter() - t0
@@ -3036,6 +3048,19 @@ def evaluate_ttt(ctx: RunContext) -> dict:
     """TTT on the quantized model, uncompiled (a dynamic-shape compile cost the record minutes):
     each chunk-step shape runs as a CUDA graph instead (TTT_CUDA_GRAPHS)."""
     h, log, model = ctx.h, ctx.log, ctx.model
+    trained_with = model.attn_backend
+    if trained_with == "fa4" and h.ttt_cuda_graphs and ctx.device.type == "cuda" and _has_varlen_attn():
+        # FA4 replayed inside a CUDA graph ran at half speed on TTT's widest step (n=64, 2048 tokens:
+        # 1,081 ms against 486 ms with varlen_attn, graphed or not), and eagerly it gained nothing there
+        model.attn_backend = "varlen"
+        log("ttt attention_backend:varlen (FA4 is slower in TTT's CUDA graphs)")
+    try:
+        return _evaluate_ttt(ctx, h, log, model)
+    finally:
+        model.attn_backend = trained_with
+
+
+def _evaluate_ttt(ctx: RunContext, h: Hyperparameters, log, model: GPT) -> dict:
     warmup_s = warm_up_ttt(model, model, h, ctx.luts, ctx.device)
     log(f"ttt_warmup:{warmup_s:.1f}s (synthetic tokens)")
     result = timed_score(log, "ttt", lambda: eval_val_ttt(model, model, ctx.val_tokens, h, ctx.luts, ctx.device,

@@ -103,7 +103,7 @@ def test_ttt_chunk_inputs_windows_and_coverage(window):
         n = sum(p > ci * CHUNK for p in pred_lens)  # the documents that have chunk ci (a prefix)
         # as TTTSlots holds them: a rounded-up slot count (empty slots: pred_len 0) and a padded window
         size = tg.ttt_slot_bucket(n + 1)
-        context = tg.ttt_context_bucket(ci, CHUNK, window)
+        context = tg.ttt_context_bucket(min((ci + 1) * CHUNK, window), CHUNK, window)
         pad = [0] * (size - n)
         x, y, at, scored = tg.ttt_chunk_inputs(tokens, torch.tensor(starts[:n] + pad), torch.tensor(pred_lens[:n] + pad),
                                                torch.tensor(ci), CHUNK, window, context)
@@ -135,7 +135,8 @@ def test_slot_bucket_wastes_at_most_a_third(n, expected):
 def test_context_bucket_is_a_power_of_two_chunks_up_to_the_window():
     for chunk, window in ((32, 2048), (8, 32), (8, 20), (5, 64)):
         for ci in range(3 * window // chunk):
-            need, got = min((ci + 1) * chunk, window), tg.ttt_context_bucket(ci, chunk, window)
+            need = min((ci + 1) * chunk, window)
+            got = tg.ttt_context_bucket(need, chunk, window)
             assert need <= got <= window and (got == window or got // chunk & (got // chunk - 1) == 0)
             assert got < 2 * need
 
@@ -448,3 +449,27 @@ def test_two_ranks_equal_one_rank(ttt_ranks):
     adapters start from the seeded init whichever rank claims it)."""
     *_, one, (rank0, _) = ttt_ranks
     assert rank0[:2] == pytest.approx(one[:2], rel=1e-6)
+
+
+def test_a_padded_window_scores_and_trains_the_same(setup):
+    """TTTRunner rounds windows up for its CUDA graphs (ttt_context_bucket): the padding after each
+    row is causally invisible, so one chunk step over a longer window gives the same scores and the
+    same adapter update."""
+    h, model, luts, val = setup
+    tokens = docs_of_lengths(val, (46, 20, 9))
+    batch = tg.split_documents(tokens)
+    ci = 2
+    context = min((ci + 1) * h.ttt_chunk_size, h.ttt_eval_seq_len)
+    results = []
+    with tg.frozen(model):
+        for window in (context, context + 13):
+            slots = tg.TTTSlots(model, h, 4, CPU)  # one empty slot too
+            slots.load(batch, h.ttt_chunk_size)
+            sums = torch.zeros(3, dtype=torch.float64)
+            tg.ttt_chunk_step(model, tokens, slots, torch.tensor(ci), window, h, luts, sums, train=True)
+            results.append((sums, [t.clone() for t in slots.lora.tensors()]))
+    (a, lora_a), (b, lora_b) = results
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    assert a[2] > 0 and any(t.abs().sum() > 0 for t in lora_a[len(lora_a) // 2:])  # scored, and B moved
+    for x, y in zip(lora_a, lora_b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
