@@ -130,7 +130,9 @@ class Hyperparameters:
         self.num_heads = get("NUM_HEADS", 8, ">=1")
         self.mlp_mult = get("MLP_MULT", 4.0, ">0")
         self.skip_gates_enabled = bool(get("SKIP_GATES_ENABLED", 1, "0/1"))
+        self.smear_gate = bool(get("SMEAR_GATE", 0, "0/1"))  # each token adds a gated share of the previous one
         self.logit_softcap = get("LOGIT_SOFTCAP", 30.0, ">0")
+        self.logit_softcap_neg = get("LOGIT_SOFTCAP_NEG", 0.0, ">=0")  # cap of negative logits; 0: LOGIT_SOFTCAP
         self.rope_base = get("ROPE_BASE", 10000.0, ">0")
         self.rope_dims = get("ROPE_DIMS", 16, ">=0")
         self.ln_scale = bool(get("LN_SCALE", 1, "0/1"))
@@ -151,6 +153,9 @@ class Hyperparameters:
         self.scalar_lr = get("SCALAR_LR", 0.02, ">=0")
         self.muon_momentum = get("MUON_MOMENTUM", 0.97, "[0,1)")
         self.muon_backend_steps = get("MUON_BACKEND_STEPS", 5, ">=0")
+        self.muon_polar_express = bool(get("MUON_POLAR_EXPRESS", 0, "0/1"))  # per-step Newton-Schulz coefficients
+        self.muon_wd_taper_at = get("MUON_WD_TAPER_AT", 0.0, "0..1")  # from this budget fraction (0: never)...
+        self.muon_wd_taper = get("MUON_WD_TAPER", 0.5, ">=0")  # ...Muon weight decay is MUON_WD x this
         self.muon_momentum_warmup_start = get("MUON_MOMENTUM_WARMUP_START", 0.92, "[0,1)")
         self.muon_momentum_warmup_steps = get("MUON_MOMENTUM_WARMUP_STEPS", 1500, ">=0")
         self.muon_row_normalize = bool(get("MUON_ROW_NORMALIZE", 1, "0/1"))
@@ -1186,6 +1191,9 @@ def _varlen_gqa_kwargs() -> dict:
 _VARLEN_GQA = _varlen_gqa_kwargs()
 
 
+SMEAR_INPUTS = 12  # SmearGate reads the first channels of each token's normed embedding
+
+
 class GPT(nn.Module):
     def __init__(self, h: Hyperparameters, attn_backend: str = "sdpa"):
         super().__init__()
@@ -1196,6 +1204,7 @@ class GPT(nn.Module):
         hidden = int(h.mlp_mult * D)
         self.rope_dims, self.rope_base = h.rope_dims, h.rope_base
         self.logit_softcap, self.attn_backend = h.logit_softcap, attn_backend
+        self.logit_softcap_neg = h.logit_softcap_neg or h.logit_softcap
         self.skip_gates_enabled, self.fused_mlp_enabled = h.skip_gates_enabled, h.fused_mlp
         self.loop_start, self.loop_end, self.num_loops = h.loop_start, h.loop_end, h.num_loops
         self.parallel_start, self.parallel_final_lane = h.parallel_start_layer, h.parallel_final_lane
@@ -1219,6 +1228,10 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, D))
         self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))  # [layer, source attn/mlp, dest lane]
         self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
+        self.smear = h.smear_gate
+        if self.smear:  # zero strength: the model starts as if without it
+            self.smear_w = nn.Parameter(torch.zeros(min(SMEAR_INPUTS, D)))
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.reset_parameters(h.tied_embed_init_std)
 
     @torch.no_grad()
@@ -1299,6 +1312,14 @@ class GPT(nn.Module):
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
 
+    def smear_previous(self, x: Tensor, ids: Tensor) -> Tensor:
+        """SmearGate (PR #1667): x_t + lambda * sigmoid(w . x_t[:SMEAR_INPUTS]) * x_{t-1}, with no share
+        into a BOS, so nothing crosses from one document into the next in a packed row (PR #1851)."""
+        w = self.smear_w.to(x.dtype)
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(x[..., :w.numel()] @ w)
+        gate = torch.where(ids[:, 1:] == BOS_ID, 0, gate[:, 1:])
+        return torch.cat([x[:, :1], x[:, 1:] + gate[..., None] * x[:, :-1]], dim=1)
+
     def merge_skip(self, j: int, x: Tensor, skip: Tensor) -> Tensor:
         """U-Net skip as a gated lerp from the weighted skip towards x (init: 0.5 x + 0.5 skip)."""
         skip = self.skip_weights[j].to(x.dtype) * skip
@@ -1309,7 +1330,8 @@ class GPT(nn.Module):
     # -- full model --------------------------------------------------------------------------
     def hidden(self, ids: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0, lora=None) -> Tensor:
         """Final normed hidden states [B, T, D] for token ids [B, T]."""
-        x = x0 = rms_norm(self.tok_emb(ids))
+        x = rms_norm(self.tok_emb(ids))
+        x = x0 = self.smear_previous(x, ids) if self.smear else x
         rope = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device)
         encoder, decoder = self.layer_order()
         skips, lanes, slot = [], None, 0
@@ -1341,7 +1363,11 @@ class GPT(nn.Module):
         if lora is not None:
             logits = logits + lora.delta("head", 0, hidden)
         logits = logits.float()
-        return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        if self.logit_softcap_neg == self.logit_softcap:
+            return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        # asymmetric softcap (PR #1923): its own bound for negative logits, LOGIT_SOFTCAP_NEG
+        cap = torch.where(logits >= 0, self.logit_softcap, self.logit_softcap_neg)
+        return cap * torch.tanh(logits / cap)
 
     def forward(self, ids: Tensor, targets: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0,
                 lora=None, positions: Tensor | None = None) -> Tensor:
@@ -1397,6 +1423,30 @@ def newton_schulz5(G: Tensor, steps: int) -> Tensor:
     return X.mT if tall else X
 
 
+# Polar Express (Amsel et al. 2025, arXiv:2505.16932; in parameter golf since PR #1787): a
+# different quintic per step, minimax-fitted to push every singular value towards 1 faster than
+# one fixed quintic; five steps, with a 2% margin on the norm estimate. MUON_POLAR_EXPRESS=1.
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def polar_express(G: Tensor, steps: int) -> Tensor:
+    """newton_schulz5 with Polar Express's coefficients for step k (the last one repeated after five)."""
+    X = G.bfloat16()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    for k in range(steps):
+        a, b, c = POLAR_EXPRESS[min(k, len(POLAR_EXPRESS) - 1)]
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
 class Muon(torch.optim.Optimizer):
     """Muon on batched weight banks: Nesterov momentum, each row of the update normalised before
     Newton-Schulz (MuonEq-R), decoupled weight decay, update scaled by sqrt(max(1, rows/cols)).
@@ -1407,10 +1457,10 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, banks: list[Tensor], lr: float, momentum: float, weight_decay: float, ns_steps: int,
-                 row_normalize: bool = True):
+                 row_normalize: bool = True, polar: bool = False):
         super().__init__(banks, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.ns_steps, self.row_normalize = ns_steps, row_normalize
-        self.orthogonalize = newton_schulz5  # the Trainer swaps in a compiled version on CUDA
+        self.orthogonalize = polar_express if polar else newton_schulz5  # the Trainer compiles it on CUDA
         self._pending: list = []
 
     @torch.no_grad()
@@ -1472,7 +1522,7 @@ class Optimizers:
         fused = dict(fused=True) if model.tok_emb.weight.is_cuda else {}
         adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, **fused)
         self.muon = Muon(self.banks, h.matrix_lr, h.muon_momentum, h.muon_wd, h.muon_backend_steps,
-                         h.muon_row_normalize)
+                         h.muon_row_normalize, h.muon_polar_express)
         self.adam_embed = torch.optim.AdamW(self.embed, lr=h.tied_embed_lr, weight_decay=h.embed_wd, **adam)
         self.adam_scalars = torch.optim.AdamW(self.scalars, lr=h.scalar_lr, weight_decay=h.adam_wd, **adam)
         self.all = [self.muon, self.adam_embed, self.adam_scalars]
@@ -1481,11 +1531,13 @@ class Optimizers:
                 g["base_lr"] = g["lr"]
         self.replicated = self.embed + self.scalars
 
-    def set_schedule(self, lr_mult: float, muon_momentum: float):
+    def set_schedule(self, lr_mult: float, muon_momentum: float, muon_wd: float | None = None):
         for opt in self.all:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_mult
         self.muon.param_groups[0]["momentum"] = muon_momentum
+        if muon_wd is not None:
+            self.muon.param_groups[0]["weight_decay"] = muon_wd
 
     @torch.no_grad()
     def sync_replicated_grads(self) -> list:
@@ -1601,6 +1653,8 @@ class EMA:
 #                      after that                             linear to 0 at frac = 1, floored at MIN_LR
 #   Muon momentum      step < MUON_MOMENTUM_WARMUP_STEPS      linear MUON_MOMENTUM_WARMUP_START -> MUON_MOMENTUM
 #                      after that                             MUON_MOMENTUM
+#   Muon weight decay  frac < MUON_WD_TAPER_AT (or it is 0)   MUON_WD
+#                      after that                             MUON_WD x MUON_WD_TAPER (taper: PR #1729)
 #   depth recurrence   frac >= ENABLE_LOOPING_AT              on (off before; NUM_LOOPS > 0)
 #   EMA decay          every step t                           min(EMA_DECAY, (1 + t) / (10 + t)), see EMA
 
@@ -1614,6 +1668,10 @@ def lr_multiplier(frac: float, h: Hyperparameters) -> float:
 def muon_momentum_at(step: int, h: Hyperparameters) -> float:
     t = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - t) * h.muon_momentum_warmup_start + t * h.muon_momentum
+
+
+def muon_wd_at(frac: float, h: Hyperparameters) -> float:
+    return h.muon_wd * (h.muon_wd_taper if 0 < h.muon_wd_taper_at <= frac else 1.0)
 
 
 def looping_at(frac: float, h: Hyperparameters) -> bool:
@@ -1674,7 +1732,7 @@ class Trainer:
     def __init__(self, h: Hyperparameters, model: GPT, model_fn, device, log):
         self.h, self.model, self.model_fn, self.device, self.log = h, model, model_fn, device, log
         self.opt = Optimizers(model, h)
-        self.opt.muon.orthogonalize = compile_for(device, newton_schulz5)
+        self.opt.muon.orthogonalize = compile_for(device, self.opt.muon.orthogonalize)
         self.ema = EMA(model, h.ema_decay)
         self.loader = self.new_loader()
 
@@ -1693,7 +1751,7 @@ class Trainer:
                 loss = self.model_fn(x, y, cu, h.train_seq_len).mean()
             (loss / h.grad_accum_steps).backward()
             total += loss.detach()
-        self.opt.set_schedule(lr_multiplier(frac, h), muon_momentum_at(step, h))
+        self.opt.set_schedule(lr_multiplier(frac, h), muon_momentum_at(step, h), muon_wd_at(frac, h))
         if h.grad_clip_norm > 0:
             # Clipping sees this rank's local gradient: there is no DDP, and ranks are averaged
             # later, inside the optimizer step (as in the record).

@@ -225,10 +225,16 @@ def _backend_params():
     return out
 
 
+@pytest.mark.parametrize("smear", [0, 1])
 @pytest.mark.parametrize("backend", _backend_params())
-def test_documents_are_isolated_in_a_packed_row(backend):
+def test_documents_are_isolated_in_a_packed_row(backend, smear):
+    """SMEAR_GATE=1 too: its share of the previous token never flows into a document's BOS."""
     device = "cpu" if backend == "sdpa" else "cuda"
-    model = tiny_model(backend=backend, device=device, fp32=device == "cpu")  # CUDA: bf16 training dtypes
+    model = tiny_model(backend=backend, device=device, fp32=device == "cpu", SMEAR_GATE=smear)  # CUDA: bf16
+    if smear:
+        with torch.no_grad():
+            model.smear_lambda.fill_(0.8)
+            model.smear_w.copy_(torch.linspace(-1, 1, model.smear_w.numel()))
     model.looping = True
     # the row starts inside a document; one document (90 tokens) is longer than TRAIN_SEQ_LEN=64
     lengths = [7, 25, 1, 90, 40, 3, 26]
@@ -393,6 +399,37 @@ def test_fa4_custom_op_forward_backward_and_registration(monkeypatch):
             cu, max(lengths))
     torch.library.opcheck(tg.fa4_varlen, args, test_utils=("test_schema", "test_autograd_registration",
                                                            "test_faketensor"))
+
+
+def test_smear_gate_starts_as_the_identity_and_mixes_in_the_previous_token():
+    plain, smear = tiny_model(seed=4), tiny_model(seed=4, SMEAR_GATE=1)
+    assert not hasattr(plain, "smear_w") and "smear_w" not in plain.state_dict()  # off: no new tensors
+    missing = smear.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["smear_lambda", "smear_w"]
+    ids = torch.randint(2, VOCAB, (2, 9))
+    ids[0, 4] = tg.BOS_ID
+    with torch.no_grad():
+        torch.testing.assert_close(smear.hidden(ids), plain.hidden(ids), rtol=0, atol=0)  # lambda = 0
+        smear.smear_lambda.fill_(0.5)
+        x = tg.rms_norm(smear.tok_emb(ids))
+        got = smear.smear_previous(x, ids)
+    share = 0.5 * 0.5  # sigmoid(0) with w = 0
+    torch.testing.assert_close(got[:, 0], x[:, 0])
+    torch.testing.assert_close(got[1, 1:], x[1, 1:] + share * x[1, :-1])
+    torch.testing.assert_close(got[0, 4], x[0, 4])  # a BOS takes nothing from the document before it
+    torch.testing.assert_close(got[0, 5], x[0, 5] + share * x[0, 4])
+
+
+def test_asymmetric_softcap_bounds_negative_logits_separately():
+    """LOGIT_SOFTCAP_NEG=c: negative logits are c * tanh(z / c), positive ones keep LOGIT_SOFTCAP;
+    unset (0) it is the symmetric cap, bit for bit."""
+    h = torch.randn(2, 5, 64) * 40
+    sym, asym = tiny_model(seed=3), tiny_model(seed=3, LOGIT_SOFTCAP_NEG=12)
+    raw = F.linear(h, sym.tok_emb.weight.float())
+    torch.testing.assert_close(sym.logits(h), 30 * torch.tanh(raw / 30), rtol=0, atol=0)
+    expected = torch.where(raw >= 0, 30 * torch.tanh(raw / 30), 12 * torch.tanh(raw / 12))
+    torch.testing.assert_close(asym.logits(h), expected)
+    assert asym.logits(h).min() >= -12 and (raw < -30).any()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,35 @@ def test_newton_schulz_is_nearly_orthogonal():
     assert not tg.newton_schulz5(torch.zeros(2, 4, 8), 5).any()
 
 
+def test_polar_express_is_closer_to_the_polar_factor_than_the_fixed_quintic():
+    """MUON_POLAR_EXPRESS=1: the same 5 steps land nearer U V^T on ill-conditioned matrices (singular
+    values over three decades), keep the bf16 output and the zero-in zero-out property."""
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(4, 96, 48, generator=g) * torch.logspace(-3, 0, 48)
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    polar = U @ Vh
+    err = {f.__name__: float((f(G, 5).float() - polar).norm() / polar.norm())
+           for f in (tg.newton_schulz5, tg.polar_express)}
+    assert err["polar_express"] < 0.75 * err["newton_schulz5"], err
+    out = tg.polar_express(torch.randn(2, 8, 32, generator=g), 5)
+    s = torch.linalg.svdvals(out.float())
+    assert out.dtype == torch.bfloat16 and s.min() > 0.7 and s.max() < 1.2
+    assert not tg.polar_express(torch.zeros(2, 4, 8), 7).any()  # past five steps: the last quintic again
+    assert tg.Optimizers(tg.build_model(dist_hparams(), torch.device("cpu")),
+                         dist_hparams(MUON_POLAR_EXPRESS=1)).muon.orthogonalize is tg.polar_express
+    assert tg.Optimizers(tg.build_model(dist_hparams(), torch.device("cpu")),
+                         dist_hparams()).muon.orthogonalize is tg.newton_schulz5
+
+
+def test_muon_weight_decay_taper():
+    h = dist_hparams(MUON_WD_TAPER_AT=0.7, MUON_WD_TAPER=0.5)
+    assert [tg.muon_wd_at(f, h) for f in (0.0, 0.69, 0.7, 1.0)] == [h.muon_wd] * 2 + [0.5 * h.muon_wd] * 2
+    assert all(tg.muon_wd_at(f, dist_hparams()) == dist_hparams().muon_wd for f in (0.0, 0.9, 1.0))  # off
+    opt = tg.Optimizers(tg.build_model(h, torch.device("cpu")), h)
+    opt.set_schedule(1.0, 0.95, tg.muon_wd_at(0.8, h))
+    assert opt.muon.param_groups[0]["weight_decay"] == pytest.approx(0.5 * h.muon_wd)
+
+
 @pytest.mark.parametrize("row_normalize", [True, False])
 def test_muon_step_matches_single_matrix_reference(row_normalize):
     g = torch.Generator().manual_seed(1)
