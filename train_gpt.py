@@ -131,6 +131,7 @@ class Hyperparameters:
         self.mlp_mult = get("MLP_MULT", 4.0, ">0")
         self.skip_gates_enabled = bool(get("SKIP_GATES_ENABLED", 1, "0/1"))
         self.smear_gate = bool(get("SMEAR_GATE", 0, "0/1"))  # each token adds a gated share of the previous one
+        self.attn_out_gate = bool(get("ATTN_OUT_GATE", 0, "0/1"))  # input-dependent gate on each head's output
         self.logit_softcap = get("LOGIT_SOFTCAP", 30.0, ">0")
         self.logit_softcap_neg = get("LOGIT_SOFTCAP_NEG", 0.0, ">=0")  # cap of negative logits; 0: LOGIT_SOFTCAP
         self.rope_base = get("ROPE_BASE", 10000.0, ">0")
@@ -1229,6 +1230,8 @@ class GPT(nn.Module):
         self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))  # [layer, source attn/mlp, dest lane]
         self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
         self.smear = h.smear_gate
+        if h.attn_out_gate:  # zero weights: every head's gate is 2 sigmoid(0) = 1 at the start
+            self.attn_gate = nn.Parameter(torch.zeros(L, h.num_heads, D))
         if self.smear:  # zero strength: the model starts as if without it
             self.smear_w = nn.Parameter(torch.zeros(min(SMEAR_INPUTS, D)))
             self.smear_lambda = nn.Parameter(torch.zeros(1))
@@ -1272,6 +1275,8 @@ class GPT(nn.Module):
         y = causal_attention(q, k, v, cu_seqlens, max_seqlen, self.attn_backend)
         if l >= self.xsa_first:
             y = exclusive_self_attention(y, v)
+        if hasattr(self, "attn_gate"):  # per-head output gate (PR #1667; Qiu et al. 2025, arXiv:2505.06708)
+            y = y * (2 * torch.sigmoid(F.linear(x, self.attn_gate[l].to(x.dtype))))[..., None]
         y = y.flatten(-2)
         if self.capture:
             self.capture(f"blocks.{l}.attn.proj", y)

@@ -420,6 +420,28 @@ def test_smear_gate_starts_as_the_identity_and_mixes_in_the_previous_token():
     torch.testing.assert_close(got[0, 5], x[0, 5] + share * x[0, 4])
 
 
+def test_attention_output_gate_starts_open_and_scales_each_head():
+    """ATTN_OUT_GATE=1: head h's output times 2 sigmoid(w_h . x), x the block's normed input; zero
+    weights give exactly the model without it."""
+    plain, gated = tiny_model(seed=5), tiny_model(seed=5, ATTN_OUT_GATE=1)
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    ids = torch.randint(2, VOCAB, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(gated.hidden(ids), plain.hidden(ids), rtol=0, atol=0)
+        gated.attn_gate.normal_(0, 0.3)
+        rope = tg.rotary_tables(12, gated.rope_dims, gated.rope_base, "cpu")
+        x = torch.randn(2, 12, 64)
+        captured = {}
+        gated.capture = lambda key, t: captured.setdefault(key, t)  # the input of the output projection
+        gated.attn(0, x, rope, None, 0, None, 0)
+        plain.capture = lambda key, t: captured.setdefault("plain_" + key, t)
+        plain.attn(0, x, rope, None, 0, None, 0)
+    gate = 2 * torch.sigmoid(x @ gated.attn_gate[0].T)  # [2, 12, heads]
+    expected = (captured["plain_blocks.0.attn.proj"].unflatten(-1, (4, 16)) * gate[..., None]).flatten(-2)
+    torch.testing.assert_close(captured["blocks.0.attn.proj"], expected)
+    assert not torch.allclose(gate, torch.ones_like(gate))
+
+
 def test_asymmetric_softcap_bounds_negative_logits_separately():
     """LOGIT_SOFTCAP_NEG=c: negative logits are c * tanh(z / c), positive ones keep LOGIT_SOFTCAP;
     unset (0) it is the symmetric cap, bit for bit."""
