@@ -168,6 +168,8 @@ class Hyperparameters:
         self.muon_wd = get("MUON_WD", 0.095, ">=0")
         self.embed_wd = get("EMBED_WD", 0.085, ">=0")
         self.ema_decay = get("EMA_DECAY", 0.9965, "[0,1)")
+        self.ema_select = get("EMA_SELECT", 0, ">=0")  # >0: keep EMA or live weights, whichever has the lower
+        # loss on this many unseen training micro-batches (never validation data)
         # test-time training
         self.ttt_enabled = bool(get("TTT_ENABLED", 1, "0/1"))
         self.ttt_lora_rank = get("TTT_LORA_RANK", 96, ">=1")
@@ -1765,6 +1767,32 @@ class Trainer:
         self.ema.update(self.model)
         return total.item() / h.grad_accum_steps
 
+    @torch.no_grad()
+    def held_out_loss(self, batches) -> float:
+        """Mean loss of the model as it is now on training micro-batches (uncompiled, in eval mode)."""
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for x, y, cu, max_len in batches:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                total += self.model(x, y, cu, self.h.train_seq_len).double().mean()
+        self.model.train()
+        return reduce_over_ranks(total.item(), device=self.device)[0] / (len(batches) * _world()[1])
+
+    def finish_with_better_average(self) -> dict:
+        """The EMA weights, unless the live ones score lower on the EMA_SELECT training micro-batches
+        that train() drew after its last step (never trained on): a short run's average can lag.
+        Selection on training data only, the same on every rank."""
+        batches = self.held_out
+        live_state = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        live = self.held_out_loss(batches)
+        self.ema.copy_to(self.model)
+        ema = self.held_out_loss(batches)
+        if live < ema:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    p.copy_(live_state[n])
+        return {"live_loss": live, "ema_loss": ema, "kept": "live" if live < ema else "ema"}
+
     def warm_up(self) -> float:
         """Compile every graph (looping off/on, short and long cu_seqlens) on training batches,
         then restore the exact initial state: weights, every optimizer buffer, EMA, loader and
@@ -1853,6 +1881,7 @@ class Trainer:
         stats.update(steps=step, train_ms=train_ms)
         if self.device.type == "cuda":
             stats["peak_memory_mib"] = torch.cuda.max_memory_allocated() // 2**20
+        self.held_out = [self.loader.next_batch() for _ in range(h.ema_select)]  # for EMA_SELECT: never trained on
         self.loader.close()
         return stats
 
@@ -3032,7 +3061,12 @@ def train_phase(ctx: RunContext) -> None:
     live = f" live_val_bpb:{stats['final_val_bpb']:.5f}" if "final_val_bpb" in stats else ""
     log(f"train_done steps:{stats['steps']} train_time:{stats['train_ms'] / 1000:.1f}s "
         f"peak_memory:{stats.get('peak_memory_mib', 0)}MiB{live}")
-    trainer.ema.copy_to(model)
+    if h.ema_select:
+        choice = ctx.summary["ema_select"] = trainer.finish_with_better_average()
+        log(f"ema_select on {h.ema_select} unseen training micro-batches: live loss {choice['live_loss']:.5f}, "
+            f"EMA loss {choice['ema_loss']:.5f}: kept the {choice['kept']} weights")
+    else:
+        trainer.ema.copy_to(model)
     ckpt_path = os.path.join(h.artifact_dir, "final_model.pt")
     if ctx.rank == 0:
         buffer = io.BytesIO()
@@ -3042,7 +3076,7 @@ def train_phase(ctx: RunContext) -> None:
     if "interrupted" in stats:
         import signal
         signum, step = stats["interrupted"]["signal"], stats["interrupted"]["step"]
-        message = (f"{signal.Signals(signum).name} stopped training at step {step}; the EMA weights are in "
+        message = (f"{signal.Signals(signum).name} stopped training at step {step}; the final weights are in "
                    f"{ckpt_path}: evaluate them with EVAL_ONLY_PATH={ckpt_path}")
         log(message)
         if ctx.rank == 0:

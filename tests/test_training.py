@@ -170,3 +170,28 @@ def test_val_loss_every_0_validates_only_at_the_end(make_hparams):
     validated = []
     stats = trainer.train(lambda step: validated.append(step) or (1.0, 1.0))
     assert validated == [2] and stats["steps"] == 2
+
+
+def test_ema_select_keeps_whichever_weights_score_lower_on_unseen_training_batches(make_hparams):
+    """EMA_SELECT=k: after training, live and EMA weights are scored on the loader's next k
+    micro-batches (data training never used, never validation) and the better one stays."""
+    h = make_hparams(ITERATIONS=3, VAL_LOSS_EVERY=0, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256, EMA_SELECT=2)
+    model = tg.build_model(h, torch.device("cpu"))
+    trainer = tg.Trainer(h, model, model, torch.device("cpu"), _quiet)
+    trainer.train(lambda step: (1.0, 1.0))
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema = trainer.ema.averaged()
+    choice = trainer.finish_with_better_average()
+    assert choice["kept"] == ("live" if choice["live_loss"] < choice["ema_loss"] else "ema")
+    kept = live if choice["kept"] == "live" else ema
+    assert all(torch.equal(p.detach(), kept[n].to(p.dtype)) for n, p in model.named_parameters())
+    assert model.training
+    # a deliberately bad average is never kept
+    g = torch.Generator().manual_seed(0)
+    trainer.ema.shadow = {n: 3 * torch.randn(s.shape, generator=g) * (1 - trainer.ema.init_weight)
+                          for n, s in trainer.ema.shadow.items()}  # an "average" of random weights
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(live[n])
+    assert trainer.finish_with_better_average()["kept"] == "live"
+    assert all(torch.equal(p.detach(), live[n]) for n, p in model.named_parameters())
