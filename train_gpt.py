@@ -181,6 +181,8 @@ class Hyperparameters:
         self.ttt_weight_decay = get("TTT_WEIGHT_DECAY", 0.5, ">=0")
         self.ttt_beta1 = get("TTT_BETA1", 0.0, "[0,1)")
         self.ttt_beta2 = get("TTT_BETA2", 0.999, "[0,1)")
+        self.ttt_q_lora = bool(get("TTT_Q_LORA", 1, "0/1"))  # Q and V adapters off: PR #1953's TTT target set
+        self.ttt_v_lora = bool(get("TTT_V_LORA", 1, "0/1"))
         self.ttt_k_lora = bool(get("TTT_K_LORA", 1, "0/1"))
         self.ttt_mlp_lora = bool(get("TTT_MLP_LORA", 1, "0/1"))
         self.ttt_o_lora = bool(get("TTT_O_LORA", 1, "0/1"))
@@ -195,6 +197,9 @@ class Hyperparameters:
         self.embed_bits = get("EMBED_BITS", 8)
         self.matrix_clip_sigmas = get("MATRIX_CLIP_SIGMAS", 12.85, ">0")
         self.embed_clip_sigmas = get("EMBED_CLIP_SIGMAS", 20.0, ">0")
+        # per-group clip (PR #1626): the MLP's and attention's matrices apart; 0: MATRIX_CLIP_SIGMAS
+        self.mlp_clip_sigmas = get("MLP_CLIP_SIGMAS", 0.0, ">=0")
+        self.attn_clip_sigmas = get("ATTN_CLIP_SIGMAS", 0.0, ">=0")
         self.artifact_limit_bytes = get("ARTIFACT_LIMIT_BYTES", 16_000_000, ">=1")
         self.artifact_autofit = bool(get("ARTIFACT_AUTOFIT", 0, "0/1"))
         # submission.json metadata
@@ -2059,13 +2064,14 @@ QUANT_MIN_NUMEL = 65_536  # tensors up to this size are stored as fp16, larger o
 
 def quantize_state_dict(state: dict, hessians: dict, matrix_bits: int, matrix_clip_sigmas: float,
                         embed_bits: int, embed_clip_sigmas: float,
-                        embed_name: str = "tok_emb.weight") -> tuple[dict, dict]:
+                        embed_name: str = "tok_emb.weight", group_clip_sigmas: dict | None = None) -> tuple[dict, dict]:
     """Split a float state dict into what the artifact stores.
 
     Returns (w, meta). w: "<name>.q" int8 and "<name>.scale" fp16 for each GPTQ'd tensor, the
     fp16 copy under "<name>" for each passthrough tensor; everything on the CPU. meta: name ->
     {"tag": "gptq (int6)" | "gptq (int8)" | "passthrough (float16)" | ..., "dtype": original}.
     Matrices of one shape and setting go through GPTQ together (see gptq_quantize).
+    group_clip_sigmas: {".mlp.": sigmas, ...}: matrices whose name contains the key use that clip.
     """
     w, meta, jobs = {}, {}, {}
     for name, t in state.items():
@@ -2083,6 +2089,7 @@ def quantize_state_dict(state: dict, hessians: dict, matrix_bits: int, matrix_cl
                 raise ValueError(f"{name}: no Hessian was collected for this {tuple(t.shape)} matrix; every "
                                  f"tensor over {QUANT_MIN_NUMEL} elements needs one (have: {sorted(hessians)})")
             bits, sigmas = (embed_bits, embed_clip_sigmas) if name == embed_name else (matrix_bits, matrix_clip_sigmas)
+            sigmas = next((v for k, v in (group_clip_sigmas or {}).items() if k in name and name != embed_name), sigmas)
             meta[name] = {"tag": f"gptq (int{bits})", "dtype": dtype}
             jobs.setdefault((tuple(t.shape), bits, sigmas), []).append(name)
     for (_, bits, sigmas), names in jobs.items():
@@ -2332,8 +2339,10 @@ def autofit_clip_factor(total_at, limit: int, max_factor: float = 1.5, rel_tol: 
 
 def quantize_model(model: GPT, h: Hyperparameters, hessians: dict, clip_factor: float = 1.0) -> tuple[dict, dict]:
     state = unbank_state({k: v.detach() for k, v in model.state_dict().items()}, h.num_layers)
+    groups = {key: sigmas * clip_factor for key, sigmas in ((".mlp.", h.mlp_clip_sigmas), (".attn.", h.attn_clip_sigmas))
+              if sigmas > 0}
     return quantize_state_dict(state, hessians, h.matrix_bits, h.matrix_clip_sigmas * clip_factor,
-                               h.embed_bits, h.embed_clip_sigmas)
+                               h.embed_bits, h.embed_clip_sigmas, group_clip_sigmas=groups)
 
 
 def load_artifact(blob: bytes, model: GPT, path: str = "the artifact") -> None:
@@ -2604,7 +2613,11 @@ def lora_shapes(model: GPT, h: Hyperparameters) -> dict[str, tuple[int, int, int
     D = model.tok_emb.weight.size(1)
     kv = model.kv_bank.size(1)
     slots = sum(len(x) for x in model.layer_order())
-    shapes = {"q": (slots, D, D), "v": (slots, D, kv), "head": (1, D, model.tok_emb.weight.size(0))}
+    shapes = {"head": (1, D, model.tok_emb.weight.size(0))}
+    if h.ttt_q_lora:
+        shapes["q"] = (slots, D, D)
+    if h.ttt_v_lora:
+        shapes["v"] = (slots, D, kv)
     if h.ttt_k_lora:
         shapes["k"] = (slots, D, kv)
     if h.ttt_o_lora:
@@ -2615,7 +2628,8 @@ def lora_shapes(model: GPT, h: Hyperparameters) -> dict[str, tuple[int, int, int
 
 
 class OptionalLoRA:
-    """Adapters switched off by TTT_K_LORA / TTT_O_LORA / TTT_MLP_LORA contribute nothing."""
+    """Adapters switched off by TTT_Q_LORA / TTT_K_LORA / TTT_V_LORA / TTT_O_LORA / TTT_MLP_LORA
+    contribute nothing."""
 
     def __init__(self, lora: BatchedLoRA):
         self.lora = lora

@@ -386,3 +386,17 @@ def test_write_artifact_over_the_limit_writes_it_and_autofit_makes_it_fit(make_h
     assert info["total_bytes"] <= fit.artifact_limit_bytes and info["autofit_clip_factor"] > 1
     assert len(scored) == 2 and info["autofit_bpb_cost"] == 1.0  # scored at x1 and at the factor found
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights handed back
+
+
+def test_group_clip_sigmas_set_the_scale_of_their_matrices_only():
+    """MLP_CLIP_SIGMAS / ATTN_CLIP_SIGMAS (passed as group_clip_sigmas): SDClip's scale is
+    sigmas * std / r, so doubling the MLP's sigmas doubles its scales; the embedding keeps its own."""
+    state, hessians = small_state()
+    w, _ = tg.quantize_state_dict(state, hessians, 6, 12.85, 8, 20.0)
+    w2, _ = tg.quantize_state_dict(state, hessians, 6, 12.85, 8, 20.0, group_clip_sigmas={".mlp.": 25.7})
+    torch.testing.assert_close(w2["blocks.0.mlp.fc.weight.scale"].float(), 2 * w["blocks.0.mlp.fc.weight.scale"].float(),
+                               rtol=2e-3, atol=0)
+    assert torch.equal(w2["tok_emb.weight.scale"], w["tok_emb.weight.scale"])
+    h = tg.Hyperparameters(env={"MLP_CLIP_SIGMAS": "14", "ATTN_CLIP_SIGMAS": "11"})
+    assert (h.mlp_clip_sigmas, h.attn_clip_sigmas) == (14.0, 11.0)
+    assert tg.Hyperparameters(env={}).mlp_clip_sigmas == 0  # default: MATRIX_CLIP_SIGMAS for every matrix

@@ -473,3 +473,18 @@ def test_a_padded_window_scores_and_trains_the_same(setup):
     assert a[2] > 0 and any(t.abs().sum() > 0 for t in lora_a[len(lora_a) // 2:])  # scored, and B moved
     for x, y in zip(lora_a, lora_b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_adapters_can_be_switched_off_and_documents_stay_independent(setup):
+    """TTT_Q_LORA=0 TTT_V_LORA=0 (PR #1953's target set): no Q or V adapters, and a batch still
+    equals its documents run alone."""
+    h, model, luts, val = setup
+    h = hparams_like(h, ttt_q_lora=False, ttt_v_lora=False)
+    assert set(tg.lora_shapes(model, h)) == {"head", "k", "o", "mlp"}
+    tokens = docs_of_lengths(val, (46, 20, 9))
+    batch = tg.split_documents(tokens)
+    sums, together = run_ttt_batch(model, tokens, batch, h, luts)
+    for a, b in zip(together, each_alone(model, tokens, batch, h, luts)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    full, _ = run_ttt_batch(model, tokens, batch, hparams_like(h, ttt_q_lora=True, ttt_v_lora=True), luts)
+    assert sums[1:] == full[1:] and sums[0] != full[0]
