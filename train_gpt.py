@@ -2557,10 +2557,12 @@ def eval_val_sliding(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, dev
 # by adapters that have seen only earlier tokens of its own document. Nothing is shared between
 # documents, so the result does not depend on batching or on the number of ranks.
 #
-# Speed: documents of a batch are ordered longest first, and the batch shrinks to the documents
-# that still have chunks left (adapters and optimizer state are sliced with it), so finished
-# documents stop costing compute. This changes no number: each document's math is its own.
-# Compile warmup runs on synthetic random tokens only, never on validation data.
+# Speed: documents of a batch are ordered longest first, and the batch moves to fewer slots as
+# documents finish (adapters and optimizer state carried along), so finished documents stop
+# costing compute; slot counts and windows are rounded to a few sizes, and each small step is
+# replayed as a CUDA graph (TTTRunner). None of this changes a number beyond kernel rounding:
+# each document's math is its own, and window padding is causally invisible and never scored.
+# The warmup runs on synthetic random tokens only, never on validation data.
 
 
 class BatchedLoRA:
