@@ -157,6 +157,7 @@ class Hyperparameters:
         self.muon_polar_express = bool(get("MUON_POLAR_EXPRESS", 0, "0/1"))  # per-step Newton-Schulz coefficients
         self.muon_wd_taper_at = get("MUON_WD_TAPER_AT", 0.0, "0..1")  # from this budget fraction (0: never)...
         self.muon_wd_taper = get("MUON_WD_TAPER", 0.5, ">=0")  # ...Muon weight decay is MUON_WD x this
+        self.muon_wd_mlp_factor = get("MUON_WD_MLP_FACTOR", 1.0, ">=0")  # the MLP banks' decay, x MUON_WD
         self.muon_momentum_warmup_start = get("MUON_MOMENTUM_WARMUP_START", 0.92, "[0,1)")
         self.muon_momentum_warmup_steps = get("MUON_MOMENTUM_WARMUP_STEPS", 1500, ">=0")
         self.muon_row_normalize = bool(get("MUON_ROW_NORMALIZE", 1, "0/1"))
@@ -1469,10 +1470,11 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, banks: list[Tensor], lr: float, momentum: float, weight_decay: float, ns_steps: int,
-                 row_normalize: bool = True, polar: bool = False):
+                 row_normalize: bool = True, polar: bool = False, wd_factors: dict | None = None):
         super().__init__(banks, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.ns_steps, self.row_normalize = ns_steps, row_normalize
         self.orthogonalize = polar_express if polar else newton_schulz5  # the Trainer compiles it on CUDA
+        self.wd_factors = wd_factors or {}  # id(bank) -> its weight decay relative to the group's
         self._pending: list = []
 
     @torch.no_grad()
@@ -1519,7 +1521,7 @@ class Muon(torch.optim.Optimizer):
         for p, full, work in applies:
             if work is not None:
                 work.wait()
-            p.mul_(1 - lr * wd).add_(full[:p.size(0)].to(p.dtype), alpha=-lr)
+            p.mul_(1 - lr * wd * self.wd_factors.get(id(p), 1.0)).add_(full[:p.size(0)].to(p.dtype), alpha=-lr)
         self._pending = []
 
 
@@ -1533,8 +1535,10 @@ class Optimizers:
         self.scalars = [p for p in model.parameters() if id(p) not in bank_ids and p is not model.tok_emb.weight]
         fused = dict(fused=True) if model.tok_emb.weight.is_cuda else {}
         adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, **fused)
+        # split weight decay (PR #1812): the MLP banks' own factor, MUON_WD_MLP_FACTOR
+        mlp_wd = {id(b): h.muon_wd_mlp_factor for b in (model.mlp_up_bank, model.mlp_down_bank)}
         self.muon = Muon(self.banks, h.matrix_lr, h.muon_momentum, h.muon_wd, h.muon_backend_steps,
-                         h.muon_row_normalize, h.muon_polar_express)
+                         h.muon_row_normalize, h.muon_polar_express, mlp_wd)
         self.adam_embed = torch.optim.AdamW(self.embed, lr=h.tied_embed_lr, weight_decay=h.embed_wd, **adam)
         self.adam_scalars = torch.optim.AdamW(self.scalars, lr=h.scalar_lr, weight_decay=h.adam_wd, **adam)
         self.all = [self.muon, self.adam_embed, self.adam_scalars]

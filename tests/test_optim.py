@@ -117,6 +117,25 @@ def test_muon_weight_decay_taper():
     assert opt.muon.param_groups[0]["weight_decay"] == pytest.approx(0.5 * h.muon_wd)
 
 
+def test_split_weight_decay_scales_the_mlp_banks_only():
+    """MUON_WD_MLP_FACTOR=f: with zero gradients a Muon step is pure decay, 1 - lr wd for the
+    attention banks and 1 - lr wd f for the MLP banks."""
+    h = dist_hparams(MUON_WD_MLP_FACTOR=3)
+    model = tg.build_model(h, torch.device("cpu"))
+    opt = tg.Optimizers(model, h)
+    banks = {n: getattr(model, n) for n in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")}
+    with torch.no_grad():
+        for b in banks.values():
+            b.fill_(1.0)
+            b.grad = torch.zeros_like(b)
+    opt.muon.launch_reduce_scatter()
+    opt.muon.step()
+    lr, wd = h.matrix_lr, h.muon_wd
+    for name, b in banks.items():
+        factor = 3 if name.startswith("mlp") else 1
+        torch.testing.assert_close(b.detach(), torch.full_like(b, 1 - lr * wd * factor))
+
+
 @pytest.mark.parametrize("row_normalize", [True, False])
 def test_muon_step_matches_single_matrix_reference(row_normalize):
     g = torch.Generator().manual_seed(1)
