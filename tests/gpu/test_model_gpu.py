@@ -3,7 +3,8 @@
     python3 tests/gpu/test_model_gpu.py        # prints the numbers
     python3 -m pytest -q tests/gpu             # asserts them
 
-- varlen (torch) attention vs SDPA per segment, bf16, on a packed row of documents;
+- varlen (torch), FA3 and FA4 attention (those installed) vs SDPA per segment, bf16, on a packed
+  row of documents, and FA4's gradients against varlen's;
 - compiled forward+backward of the default model on one 98,304-token packed row, looping off
   and on: ms per fwd+bwd and peak memory.
 """
@@ -38,10 +39,10 @@ def attention_agreement() -> dict:
     v = torch.randn(1, 8192, 4, 64, device="cuda", dtype=torch.bfloat16)
     ref = tg.causal_attention(q.float(), k.float(), v.float(), cu, 2048, "sdpa")
     out = {}
-    for backend in ("sdpa", "varlen", "fa3"):
+    for backend in ("sdpa", "varlen", "fa3", "fa4"):
         try:
             y = tg.causal_attention(q, k, v, cu, 2048, backend).float()
-        except ImportError:
+        except ImportError:  # FA3 / FA4 not installed
             continue
         err = (y - ref).abs()
         out[backend] = (err.max().item(), (err.max() / ref.abs().max()).item())
@@ -80,6 +81,20 @@ def model_step(looping: bool, n_tokens: int = 98_304, iters: int = 10) -> dict:
 def test_attention_backends_agree():
     for backend, (abs_err, rel_err) in attention_agreement().items():
         assert rel_err < 2e-2, (backend, abs_err, rel_err)
+
+
+def test_fa4_gradients_match_varlen():
+    if not tg._has_fa4():
+        pytest.skip("FlashAttention 4 is not installed (pip install --pre flash-attn-4)")
+    _, _, cu = packed_row(8192, 100)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 8192, h, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for h in (8, 4, 4))
+    grad = torch.randn(1, 8192, 8, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    grads = {b: torch.autograd.grad(tg.causal_attention(q, k, v, cu, 2048, b), (q, k, v), grad)
+             for b in ("varlen", "fa4")}
+    for name, a, b in zip("qkv", grads["fa4"], grads["varlen"]):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 2e-2, name
 
 
 @pytest.mark.parametrize("looping", [False, True])
