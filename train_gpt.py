@@ -1421,19 +1421,25 @@ def build_model(h: Hyperparameters, device, attn_backend: str = "sdpa") -> GPT:
 SMALL_TENSOR_NUMEL = 2**15
 
 
-def newton_schulz5(G: Tensor, steps: int) -> Tensor:
-    """Approximate orthogonalization U V^T of each matrix in G [B, m, n] by a quintic Newton-Schulz
-    iteration in bf16 (Muon, Keller Jordan 2024: kellerjordan.github.io/posts/muon)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+def quintic_orthogonalize(G: Tensor, steps: int, coefficients, norm_margin: float, eps: float) -> Tensor:
+    """X <- a X + (b A + c A A) X with A = X X^T, `steps` times from X = G / (|G|_F * norm_margin + eps)
+    in bf16, for each matrix of G [B, m, n]; step k uses coefficients[k] (the last one after them)."""
     X = G.bfloat16()
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * norm_margin + eps)
+    for k in range(steps):
+        a, b, c = coefficients[min(k, len(coefficients) - 1)]
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
+
+
+def newton_schulz5(G: Tensor, steps: int) -> Tensor:
+    """Approximate orthogonalization U V^T of each matrix in G [B, m, n] by a quintic Newton-Schulz
+    iteration in bf16 (Muon, Keller Jordan 2024: kellerjordan.github.io/posts/muon)."""
+    return quintic_orthogonalize(G, steps, ((3.4445, -4.7750, 2.0315),), 1.0, 1e-7)
 
 
 # Polar Express (Amsel et al. 2025, arXiv:2505.16932; in parameter golf since PR #1787): a
@@ -1448,16 +1454,7 @@ POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
 
 def polar_express(G: Tensor, steps: int) -> Tensor:
     """newton_schulz5 with Polar Express's coefficients for step k (the last one repeated after five)."""
-    X = G.bfloat16()
-    tall = X.size(-2) > X.size(-1)
-    if tall:
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
-    for k in range(steps):
-        a, b, c = POLAR_EXPRESS[min(k, len(POLAR_EXPRESS) - 1)]
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.mT if tall else X
+    return quintic_orthogonalize(G, steps, POLAR_EXPRESS, 1.02, 1e-6)
 
 
 class Muon(torch.optim.Optimizer):
@@ -1781,7 +1778,7 @@ class Trainer:
         """Mean loss of the model as it is now on training micro-batches (uncompiled, in eval mode)."""
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for x, y, cu, max_len in batches:
+        for x, y, cu, _ in batches:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 total += self.model(x, y, cu, self.h.train_seq_len).double().mean()
         self.model.train()
@@ -2707,6 +2704,19 @@ def ttt_batches(docs: list, batch_size: int) -> list[list[tuple[int, int]]]:
     return [b[::-1] for b in batches]
 
 
+def ttt_chunk_counts(batch: list, chunk: int) -> list[int]:
+    """Chunks of each document: its targets (length - 1) in pieces of TTT_CHUNK_SIZE."""
+    return [-(-(n - 1) // chunk) for _, n in batch]
+
+
+def ttt_schedule(batch: list, h: Hyperparameters):
+    """(ci, documents that have chunk ci, window of chunk ci) for each chunk step of a batch whose
+    documents are ordered longest first, so that those with chunk ci are its first ones."""
+    chunks = ttt_chunk_counts(batch, h.ttt_chunk_size)
+    for ci in range(chunks[0]):
+        yield ci, sum(c > ci for c in chunks), min((ci + 1) * h.ttt_chunk_size, h.ttt_eval_seq_len)
+
+
 def ttt_slot_bucket(n: int) -> int:
     """Documents of a chunk step rounded up to 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (at most a third of
     the slots idle), so that few shapes occur and each one's CUDA graph is reused."""
@@ -2768,7 +2778,8 @@ class TTTSlots:
         self.lora.reset()
         self.opt.t.zero_()
         torch._foreach_zero_(self.opt.state())
-        rows = [(s, n - 1, -(-(n - 1) // chunk)) for s, n in batch] + [(0, 0, 0)] * (self.size - len(batch))
+        counts = ttt_chunk_counts(batch, chunk)
+        rows = [(s, n - 1, c) for (s, n), c in zip(batch, counts)] + [(0, 0, 0)] * (self.size - len(batch))
         self.docs.copy_(torch.tensor(rows).T)
 
     @torch.no_grad()
@@ -2858,34 +2869,30 @@ def ttt_batch(model_fn, model: GPT, tokens: Tensor, batch: list, h: Hyperparamet
     The documents still active at chunk ci are the first ones (longest first); the slots shrink
     to fewer as documents finish, carrying their adapters and optimizer state along."""
     runner = runner or TTTRunner(model, h, tokens.device, graphs=False)
-    chunk = h.ttt_chunk_size
-    chunks = [-(-(n - 1) // chunk) for _, n in batch]
+    total = ttt_chunk_counts(batch, h.ttt_chunk_size)[0]
     runner.sums.zero_()
     slots, last_report = None, time.perf_counter()
-    for ci in range(chunks[0]):
+    for ci, active, window in ttt_schedule(batch, h):
         if runner.progress and time.perf_counter() - last_report > 30:
-            runner.progress(ci, chunks[0])
+            runner.progress(ci, total)
             last_report = time.perf_counter()
-        now = runner.slots_for(sum(c > ci for c in chunks))
+        now = runner.slots_for(active)
         if slots is None:
-            now.load(batch, chunk)
+            now.load(batch, h.ttt_chunk_size)
         elif now is not slots:
             now.take_first(slots)
         slots = now
-        train = adapt and chunks[0] > ci + 1
+        train = adapt and total > ci + 1
         runner.ci.fill_(ci)
         for step in range(h.ttt_grad_steps if train else 1):
             runner.score_on.fill_(1.0 if step == 0 else 0.0)
-            runner.step(model_fn, tokens, slots, min((ci + 1) * chunk, h.ttt_eval_seq_len), luts, train)
-    nats, nbytes, count = runner.sums.tolist()
-    return nats, nbytes, count
+            runner.step(model_fn, tokens, slots, window, luts, train)
+    return tuple(runner.sums.tolist())
 
 
 def ttt_batch_work(batch: list, h: Hyperparameters) -> int:
     """Token positions a batch's chunk steps run through (documents x window): TTT's cost model."""
-    chunks = [-(-(n - 1) // h.ttt_chunk_size) for _, n in batch]
-    return sum(sum(c > ci for c in chunks) * min((ci + 1) * h.ttt_chunk_size, h.ttt_eval_seq_len)
-               for ci in range(chunks[0]))
+    return sum(active * window for _, active, window in ttt_schedule(batch, h))
 
 
 def eval_val_ttt(model_fn, model: GPT, val_tokens: Tensor, h: Hyperparameters, luts, device, log,
