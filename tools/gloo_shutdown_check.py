@@ -29,20 +29,13 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO_ROOT, "data"))
+sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "data")]
+from tests.conftest import TINY_ENV as TEST_ENV  # noqa: E402  (the test suite's tiny model)
 
-# A tiny model and short sequences (a copy of the test suite's TINY_ENV, with TTT on a quarter of
-# the validation documents so the WorkQueue's store is used too); one run takes ~10-20 s on 2 cores.
-TINY_ENV = {
-    "RUN_ID": "gloo_check", "SEED": "0",
-    "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024", "VAL_BATCH_TOKENS": "512",
-    "ITERATIONS": "4", "WARMUP_STEPS": "2", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
-    "TRAIN_LOG_EVERY": "1", "NUM_LAYERS": "4", "XSA_LAST_N": "4", "MODEL_DIM": "64", "NUM_HEADS": "4",
-    "NUM_KV_HEADS": "2", "MLP_MULT": "2", "ROPE_DIMS": "8", "LOOP_START": "1", "LOOP_END": "2",
-    "PARALLEL_START_LAYER": "3", "EVAL_STRIDE": "32", "TTT_EVAL_SEQ_LEN": "64", "TTT_CHUNK_SIZE": "16",
-    "TTT_BATCH_SIZE": "4", "TTT_LORA_RANK": "4", "GPTQ_CALIBRATION_BATCHES": "2",
-    "TTT_ENABLED": "1", "VAL_DOC_FRACTION": "0.25", "COMPRESSOR": "lzma",
-}
+# The test suite's tiny model and short sequences, with compile warmup steps and TTT on a quarter of
+# the validation documents so the WorkQueue's store is used too; one run takes ~10-20 s on 2 cores.
+TINY_ENV = dict(TEST_ENV, RUN_ID="gloo_check", WARMUP_STEPS="2", TTT_ENABLED="1", VAL_DOC_FRACTION="0.25",
+                COMPRESSOR="lzma")
 STRESS_WRAPPER = """\
 import runpy, sys, torch, torch.distributed as dist
 _destroy = dist.destroy_process_group

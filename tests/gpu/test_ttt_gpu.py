@@ -14,34 +14,19 @@ import time
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
+import bench_ttt  # noqa: E402  (its synthetic tokens and byte tables)
 import train_gpt as tg  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_graphed_ttt_scores_like_the_eager_step_and_is_faster():
-    h = tg.Hyperparameters(env={"RUN_ID": "ttt_gpu"})
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = tg.build_model(h, device, tg.pick_attention_backend("varlen"))
-    with torch.no_grad():
-        model.qo_bank[model.num_layers:].normal_(0, 0.02)
-        model.mlp_down_bank.normal_(0, 0.02)
-    model.eval()
-    model.looping = True
-    g = torch.Generator().manual_seed(0)
-    V = h.vocab_size
-    luts = (torch.randint(1, 9, (V,), generator=g, dtype=torch.int16).to(device),
-            (torch.rand(V, generator=g) < 0.5).to(device), torch.zeros(V, dtype=torch.bool, device=device))
+    # the benchmark's model: defaults, random weights, no matmul on zeros, eval mode, looping on
+    _, h, device, _, model, luts = bench_ttt.build(bench_ttt.parse_args(["--set", "ATTN_BACKEND=varlen"]))
     tg.warm_up_ttt(model, model, h, luts, device)  # raises if its graphed pass scores differently
-    lengths = [3000, 2600, 2100, 1500, 900, 400, 200, 60]
-    tokens = torch.randint(2, V, (sum(lengths) + 1,), generator=g)
-    docs, start = [], 0
-    for n in lengths:
-        tokens[start] = tg.BOS_ID
-        docs.append((start, n + 1))
-        start += n
+    tokens, docs = bench_ttt.synthetic_stream([3001, 2601, 2101, 1501, 901, 401, 201, 61], h.vocab_size, tg.BOS_ID, 0)
     tokens = tokens.to(device)
     results, seconds = {}, {}
     with tg.frozen(model):
