@@ -147,6 +147,7 @@ class Hyperparameters:
         self.tied_embed_init_std = get("TIED_EMBED_INIT_STD", 0.005, ">=0")
         self.attn_backend = get("ATTN_BACKEND", "")  # fa3 | fa4 | varlen | sdpa; empty: best available
         self.fused_mlp = bool(get("FUSED_MLP", 1, "0/1"))
+        self.fused_ce = bool(get("FUSED_CE", 1, "0/1"))  # fused softcapped cross-entropy kernel (CUDA)
         # optimizers
         self.min_lr = get("MIN_LR", 0.0, "0..1")
         self.tied_embed_lr = get("TIED_EMBED_LR", 0.03, ">=0")
@@ -981,6 +982,122 @@ def eager_mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
     return F.linear(F.leaky_relu(F.linear(x, w_up), 0.5).square(), w_down)
 
 
+# The softcapped cross-entropy: z = cap·tanh(x/cap) over the tied head's bf16 logits x, then
+# loss = logsumexp(z) − z[target], per token. Compiled eager code turns the [tokens, 8192] logits
+# into fp32 and keeps more than one such tensor for the backward; here one program reads its row
+# of bf16 logits once per direction, keeps z in fp32 registers and saves only the row's logsumexp.
+# The backward recomputes z and writes d(loss)/dx = g·(softmax(z) − onehot)·(1 − tanh²) straight
+# in the logits' dtype. (Fused softcapped cross-entropy: the modded-nanogpt speedruns' idea.)
+if triton is not None:
+
+    @triton.jit
+    def _softcap(x, cap_pos, cap_neg):
+        """(cap·tanh(x/cap), tanh(x/cap)) in fp32, cap = cap_pos for x >= 0 else cap_neg.
+        tanh(u) = 1 − 2/(exp(2u) + 1): one exp, exact at both ends (exp overflows to inf: tanh 1)."""
+        cap = tl.where(x >= 0, cap_pos, cap_neg)
+        th = 1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0)
+        return cap * th, th
+
+    @triton.jit
+    def _softcap_ce_kernel(logits, targets, lse, grad_loss, out, V, cap_pos, cap_neg,
+                           FORWARD: tl.constexpr, BLOCK_V: tl.constexpr):
+        """One row per program. FORWARD: out[row] <- loss, lse[row] <- logsumexp(z).
+        Backward: out[row, :] <- grad_loss[row]·(softmax(z) − onehot(target))·(1 − tanh²)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_V)
+        inside = cols < V
+        x = tl.load(logits + row * V + cols, mask=inside, other=0.0).to(tl.float32)
+        z, th = _softcap(x, cap_pos, cap_neg)
+        target = tl.load(targets + row)
+        if FORWARD:
+            z = tl.where(inside, z, float("-inf"))
+            peak = tl.max(z, axis=0)
+            row_lse = peak + tl.log(tl.sum(tl.exp(z - peak), axis=0))
+            tl.store(lse + row, row_lse)
+            tl.store(out + row, row_lse - tl.sum(tl.where(cols == target, z, 0.0), axis=0))
+        else:
+            p = tl.exp(z - tl.load(lse + row))
+            g = (p - tl.where(cols == target, 1.0, 0.0)) * tl.load(grad_loss + row)
+            tl.store(out + row * V + cols, (g * (1.0 - th * th)).to(out.dtype.element_ty), mask=inside)
+
+
+def softcap_ce(logits: Tensor, targets: Tensor, cap_pos: float, cap_neg: float, lse: Tensor | None = None,
+               grad_loss: Tensor | None = None):
+    """Launch the kernel. Forward (lse None): returns (loss, lse), fp32 [N], for logits [N, V] and
+    targets [N] of ids in [0, V). Backward (lse and grad_loss [N] given): returns d(loss)/d(logits)."""
+    if triton is None or not (logits.is_cuda or _TRITON_INTERPRETED):
+        raise RuntimeError("the fused cross-entropy kernel needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+    logits, targets = logits.contiguous(), targets.contiguous()
+    (N, V), forward = logits.shape, lse is None
+    if forward:
+        lse, out = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(2))
+        grad_loss = out  # unread
+    else:
+        out, grad_loss = torch.empty_like(logits), grad_loss.float().contiguous()
+    block = triton.next_power_of_2(V)
+    _softcap_ce_kernel[(N,)](logits, targets, lse, grad_loss, out, V, float(cap_pos), float(cap_neg),
+                             FORWARD=forward, BLOCK_V=block, num_warps=min(16, max(1, block // 512)))
+    return (out, lse) if forward else out
+
+
+@torch.library.custom_op("pgolf::softcap_ce_fwd", mutates_args=(),
+                         schema="(Tensor logits, Tensor targets, float cap_pos, float cap_neg) -> (Tensor, Tensor)")
+def _softcap_ce_fwd(logits, targets, cap_pos, cap_neg):
+    return softcap_ce(logits, targets, cap_pos, cap_neg)
+
+
+@_softcap_ce_fwd.register_fake
+def _(logits, targets, cap_pos, cap_neg):
+    loss = logits.new_empty(logits.shape[:1], dtype=torch.float32)
+    return loss, torch.empty_like(loss)
+
+
+@torch.library.custom_op("pgolf::softcap_ce_bwd", mutates_args=(),
+                         schema="(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, float cap_pos, "
+                                "float cap_neg) -> Tensor")
+def _softcap_ce_bwd(grad_loss, logits, targets, lse, cap_pos, cap_neg):
+    return softcap_ce(logits, targets, cap_pos, cap_neg, lse=lse, grad_loss=grad_loss)
+
+
+@_softcap_ce_bwd.register_fake
+def _(grad_loss, logits, targets, lse, cap_pos, cap_neg):
+    return torch.empty_like(logits)
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of softcapped logits, fp32 [N], from raw logits [N, V] (any float dtype)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, cap_pos, cap_neg):
+        loss, lse = _softcap_ce_fwd(logits, targets, cap_pos, cap_neg)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.caps = (cap_pos, cap_neg)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse = ctx.saved_tensors
+        return _softcap_ce_bwd(grad, logits, targets, lse, *ctx.caps), None, None, None
+
+
+def softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap_pos: float, cap_neg: float) -> Tensor:
+    """Fused: the same loss as eager_softcapped_cross_entropy without fp32 [N, V] tensors."""
+    return SoftcapCrossEntropy.apply(logits, targets, cap_pos, cap_neg)
+
+
+def eager_softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap_pos: float, cap_neg: float) -> Tensor:
+    """The same math in plain PyTorch, fp32: per-token loss [N] from raw logits [N, V]."""
+    return F.cross_entropy(softcap(logits.float(), cap_pos, cap_neg), targets, reduction="none")
+
+
+def softcap(logits: Tensor, cap_pos: float, cap_neg: float) -> Tensor:
+    """cap·tanh(logits/cap); an asymmetric softcap (PR #1923) bounds negative logits by cap_neg."""
+    if cap_neg == cap_pos:
+        return cap_pos * torch.tanh(logits / cap_pos)
+    cap = torch.where(logits >= 0, cap_pos, cap_neg)
+    return cap * torch.tanh(logits / cap)
+
+
 # =============================================================================================
 #                                            MODEL
 # =============================================================================================
@@ -1215,6 +1332,7 @@ class GPT(nn.Module):
         self.logit_softcap, self.attn_backend = h.logit_softcap, attn_backend
         self.logit_softcap_neg = h.logit_softcap_neg or h.logit_softcap
         self.skip_gates_enabled, self.fused_mlp_enabled = h.skip_gates_enabled, h.fused_mlp
+        self.fused_ce_enabled = h.fused_ce
         self.loop_start, self.loop_end, self.num_loops = h.loop_start, h.loop_end, h.num_loops
         self.parallel_start, self.parallel_final_lane = h.parallel_start_layer, h.parallel_final_lane
         self.xsa_first = L - h.xsa_last_n
@@ -1375,12 +1493,7 @@ class GPT(nn.Module):
         logits = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
         if lora is not None:
             logits = logits + lora.delta("head", 0, hidden)
-        logits = logits.float()
-        if self.logit_softcap_neg == self.logit_softcap:
-            return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
-        # asymmetric softcap (PR #1923): its own bound for negative logits, LOGIT_SOFTCAP_NEG
-        cap = torch.where(logits >= 0, self.logit_softcap, self.logit_softcap_neg)
-        return cap * torch.tanh(logits / cap)
+        return softcap(logits.float(), self.logit_softcap, self.logit_softcap_neg)
 
     def forward(self, ids: Tensor, targets: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0,
                 lora=None, positions: Tensor | None = None) -> Tensor:
@@ -1394,8 +1507,13 @@ class GPT(nn.Module):
         if positions is not None:
             hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
             targets = targets.gather(1, positions)
-        logits = self.logits(hidden, lora)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        if self.fused_ce_enabled and lora is None and hidden.is_cuda and triton is not None:
+            raw = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
+            loss = softcapped_cross_entropy(raw.flatten(0, 1), targets.flatten(), self.logit_softcap,
+                                            self.logit_softcap_neg)
+        else:
+            loss = F.cross_entropy(self.logits(hidden, lora).flatten(0, 1), targets.flatten(), reduction="none")
+        loss = loss.view_as(targets)
         return loss[0] if squeeze else loss
 
 
@@ -1808,9 +1926,12 @@ class Trainer:
             return 0.0
         snapshot = (copy.deepcopy(model.state_dict()), copy.deepcopy(self.opt.state_dict()), self.ema.state_dict(),
                     rng_state())
+        self.warmup_seconds = {False: [], True: []}  # per warm-up step; the first of each includes compiling
+        steps = max(h.warmup_steps // 2, 1)
         for looping in (False, True):
             model.looping = looping
-            for i in range(max(h.warmup_steps // 2, 1)):
+            for i in range(steps):
+                t_step = time.perf_counter()
                 batches = None
                 if i < 4:  # vary the number of segments so each cu_seqlens bucket is seen
                     batches = []
@@ -1818,7 +1939,11 @@ class Trainer:
                         x, y, _, _ = self.loader.next_batch()
                         cu = np.linspace(0, len(x), CU_SEQLENS_BUCKET * (i + 1)).astype(np.int32)
                         batches.append((x, y, torch.from_numpy(cu).to(self.device), 0))
-                self.step(0, 0.0, batches)
+                self.step(0, 0.0, batches)  # .item() inside: the time is the step's
+                self.warmup_seconds[looping].append(time.perf_counter() - t_step)
+                if i == 0 or i == steps - 1:
+                    self.log(f"warmup looping:{int(looping)} step:{i + 1}/{steps} "
+                             f"{self.warmup_seconds[looping][-1]:.1f}s elapsed:{time.perf_counter() - t0:.0f}s")
         model.looping = False
         model.load_state_dict(snapshot[0])
         self.opt.load_state_dict(snapshot[1])

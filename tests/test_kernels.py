@@ -1,4 +1,5 @@
-"""KERNELS: the fused LeakyReLU² MLP kernel against the eager math, on CPU under the Triton interpreter.
+"""KERNELS: the fused LeakyReLU² MLP and softcapped cross-entropy kernels against the eager math, on
+CPU under the Triton interpreter.
 
 Triton fixes interpreted-or-compiled per process: `@triton.jit` reads TRITON_INTERPRET when it runs,
 and Triton's own library functions are decorated once, when triton is first imported (often by
@@ -18,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (M, D, H). M is not a multiple of the interpreter's 32-row tiles; the second shape also leaves
 # partial tiles along K (D=24 with 16-wide slabs) and N (H=80 with 32-wide tiles).
 SHAPES = [(70, 32, 64), (33, 24, 80)]
+CE_CASES = [(1000, (30.0, 30.0), "float32"), (1000, (30.0, 15.0), "float32"), (8192, (30.0, 30.0), "bfloat16")]
 
 
 def _run_checks():
@@ -69,6 +71,28 @@ def _run_checks():
         loss = fn(*leaves)
         rows.append((loss, *torch.autograd.grad(loss, leaves)))
     results["torch.compile fullgraph"] = {k: err(g, w) for k, g, w in zip(("loss", "dx", "dw_up", "dw_down"), *rows)}
+
+    # softcapped cross-entropy: V not a power of two (masked tail), logits big enough to saturate
+    # the cap, symmetric and asymmetric caps, bf16 and fp32 inputs
+    for V, caps, dtype in CE_CASES:
+        gen = torch.Generator().manual_seed(V)
+        logits = (torch.randn(37, V, generator=gen) * 40).to(getattr(torch, dtype))
+        targets = torch.randint(0, V, (37,), generator=gen)
+        grad = torch.rand(37, generator=gen)
+        rows = []
+        for f in (tg.softcapped_cross_entropy, tg.eager_softcapped_cross_entropy):
+            leaf = logits.clone().requires_grad_()
+            loss = f(leaf, targets, *caps)
+            rows.append((loss, *torch.autograd.grad(loss, leaf, grad)))
+        results[f"cross-entropy {V} {caps} {dtype}"] = {k: err(g.float(), w.float())
+                                                         for k, g, w in zip(("loss", "dlogits"), *rows)}
+    compiled = torch.compile(lambda t, y: tg.softcapped_cross_entropy(t, y, 30.0, 20.0).sum(), backend="aot_eager",
+                             fullgraph=True)
+    leaf = logits.float().clone().requires_grad_()
+    got = torch.autograd.grad(compiled(leaf, targets), leaf)[0]
+    leaf = leaf.detach().requires_grad_()
+    want = torch.autograd.grad(tg.eager_softcapped_cross_entropy(leaf, targets, 30.0, 20.0).sum(), leaf)[0]
+    results["cross-entropy torch.compile fullgraph"] = {"dlogits": err(got, want)}
     return results
 
 
@@ -104,6 +128,16 @@ def test_fused_mlp_output_and_grads_match_eager(results, shape):
 
 def test_fused_mlp_compiles_fullgraph(results):
     _assert_small(results["torch.compile fullgraph"])
+
+
+@pytest.mark.parametrize("case", [f"{V} {caps} {dtype}" for V, caps, dtype in CE_CASES])
+def test_fused_cross_entropy_loss_and_grad_match_eager(results, case):
+    # bf16 gradients are compared after both are rounded to bf16: one ulp of [0.5, 1) is 2^-8
+    _assert_small(results[f"cross-entropy {case}"], tol=1e-4 if "float32" in case else 8e-3)
+
+
+def test_fused_cross_entropy_compiles_fullgraph(results):
+    _assert_small(results["cross-entropy torch.compile fullgraph"])
 
 
 if __name__ == "__main__":  # the child process

@@ -229,6 +229,18 @@ def test_format_report_shows_numbers_targets_and_reference():
     assert "WARNING: torch.compile built 2 graph(s)" in bt.format_report(result)
 
 
+def test_parse_compile_times_keeps_the_largest_rows():
+    table = ("TorchDynamo compilation metrics:\nFunction, Runtimes (s)\n_compile.compile_inner, 51.2\n"
+             "GraphLowering.compile_to_module, 30.5\nbuild_guards, 0.02\nasync_compile.wait, 12.0\n")
+    assert bt.parse_compile_times(table, top=2) == {"_compile.compile_inner": 51.2,
+                                                    "GraphLowering.compile_to_module": 30.5}
+    result = _result()
+    result["warmup_step_s"] = {"off": [55.0, 0.7], "on": [40.0, 1.0]}
+    result["compile_times_s"] = bt.parse_compile_times(table, top=1)
+    text = bt.format_report(result)
+    assert "warm-up steps, looping off (s): 55.0 0.7" in text and "_compile.compile_inner 51.2" in text
+
+
 def test_compiled_graphs_counter():
     before = bt.compiled_graphs()
     assert isinstance(before, int)
@@ -253,6 +265,7 @@ KERNELS = [
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0", bt.ATTENTION),
     ("triton_tem_fused_flex_attention_0", bt.ATTENTION),
     ("_fused_mlp_kernel", bt.FUSED_MLP),
+    ("_softcap_ce_kernel", bt.FUSED_CE),
     ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", bt.MATMULS),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel",
      bt.MATMULS),
@@ -488,6 +501,7 @@ def test_cpu_smoke_run(tiny_dataset, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["tokens_per_step"] == 1024 and result["grad_accum"] == 8
     assert result["compile_warmup_s"] > 0
+    assert {k: len(v) for k, v in result["warmup_step_s"].items()} == {"off": 1, "on": 1}
     for name, looping in bt.PHASES:
         ph = result["phases"][name]
         assert ph["looping"] is looping and ph["steps"] == 2 and ph["peak_memory_mib"] is None

@@ -292,6 +292,11 @@ def format_report(result: dict) -> str:
              f"{result['tokens_per_step'] // result['grad_accum']:,} (world size {result['world_size']})",
              f"compile + warmup (trainer.warm_up): {result['compile_warmup_s']:.1f} s   "
              f"setup before it: {result['setup_s']:.1f} s"]
+    for looping, seconds in result.get("warmup_step_s", {}).items():
+        lines.append(f"  warm-up steps, looping {looping} (s): " + " ".join(f"{s:.1f}" for s in seconds))
+    if result.get("compile_times_s"):
+        lines.append("  torch.compile time by stage (s, summed over graphs): " +
+                     ", ".join(f"{k} {v:.1f}" for k, v in result["compile_times_s"].items()))
     for name, _ in PHASES:
         ph = result["phases"].get(name)
         if ph is None:
@@ -350,6 +355,7 @@ SCOPES = {  # record_function name -> component
 }
 ATTENTION = "attention"
 FUSED_MLP = "MLP up+LeakyReLU² (fused Triton)"
+FUSED_CE = "softcap + cross-entropy (fused Triton)"
 MATMULS = "matmuls (all cuBLAS/cutlass gemms)"
 ELEMENTWISE = "norms/elementwise (Inductor Triton, aten)"
 COMMUNICATION = "communication (NCCL)"
@@ -365,7 +371,7 @@ _ELEMENTWISE_MARKS = ("elementwise", "reduce", "foreach", "multi_tensor", "norm"
 def classify_kernel(name: str, scope: str | None = None) -> str:
     """Component of one GPU kernel. scope: the innermost SCOPES range it was launched in, if any.
 
-    Order matters: the fused MLP kernel and NCCL first; Inductor's pointwise/reduction kernels
+    Order matters: the fused MLP and cross-entropy kernels and NCCL first; Inductor's pointwise/reduction kernels
     (triton_poi_/triton_per_/triton_red_/...) before the attention marks, so no fused elementwise
     kernel is taken for attention; attention before gemms, because FlashAttention 3's template
     names mention cutlass; Inductor's matmul templates (triton_tem_) are gemms unless they are
@@ -376,6 +382,8 @@ def classify_kernel(name: str, scope: str | None = None) -> str:
     low = name.lower()
     if "_fused_mlp_kernel" in low:
         return FUSED_MLP
+    if "_softcap_ce_kernel" in low:
+        return FUSED_CE
     if "nccl" in low:
         return COMMUNICATION
     if low.startswith("triton_"):
@@ -692,6 +700,7 @@ def _measure(args, h, device, backend, trainer, setup_s: float, log) -> dict:
     log(f"attention {backend}, fused MLP {fused}; compiling and warming up ({h.warmup_steps} warm-up steps)...")
     compile_warmup_s = trainer.warm_up()
     log(f"compile + warmup: {compile_warmup_s:.1f} s")
+    warmup_seconds = {("on" if k else "off"): v for k, v in getattr(trainer, "warmup_seconds", {}).items()}
 
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -700,6 +709,7 @@ def _measure(args, h, device, backend, trainer, setup_s: float, log) -> dict:
         "tokens_per_step": h.train_batch_tokens, "grad_accum": h.grad_accum_steps, "world_size": h.world_size,
         "peak_tflops": args.peak_tflops, "setup_s": setup_s, "compile_warmup_s": compile_warmup_s,
         "settle_steps": args.settle_steps, "overrides": dict(args.overrides), "phases": {},
+        "warmup_step_s": warmup_seconds, "compile_times_s": dynamo_compile_times(),
     }
     recorder = BatchRecorder(trainer.loader)  # the loader warm_up() left: the one training would use
     step = 0
@@ -719,6 +729,28 @@ def _measure(args, h, device, backend, trainer, setup_s: float, log) -> dict:
             step = bd.pop("next_step")
             result["profile"][name] = bd
     return result
+
+
+def dynamo_compile_times(top: int = 12) -> dict[str, float]:
+    """The largest entries of torch.compile's own timing table (seconds summed over all graphs so
+    far): where compile + warmup went. Empty when this torch has no such table."""
+    try:
+        table = torch._dynamo.utils.compile_times(repr="str", aggregate=True)
+    except Exception:  # a private API: absent or changed in some torch version
+        return {}
+    return parse_compile_times(table, top)
+
+
+def parse_compile_times(table: str, top: int = 12) -> dict[str, float]:
+    """{name: seconds} of the `top` largest "name, seconds" rows of compile_times()'s table."""
+    rows = {}
+    for line in table.splitlines():
+        name, _, value = line.rpartition(",")
+        try:
+            rows[name.strip()] = float(value)
+        except ValueError:
+            continue
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1])[:top])
 
 
 def write_json(result: dict, path: str) -> None:
