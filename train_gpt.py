@@ -114,6 +114,9 @@ class Hyperparameters:
         self.warmup_steps = get("WARMUP_STEPS", 20, ">=0")  # compile-warmup steps, rolled back afterwards
         self.train_batch_tokens = get("TRAIN_BATCH_TOKENS", 786432, ">=1")
         self.train_seq_len = get("TRAIN_SEQ_LEN", 2048, ">=1")  # longest document segment in a packed row
+        # progressive context: "LEN@END,...", segments of LEN tokens until that fraction of training
+        self.train_seq_schedule = get("TRAIN_SEQ_SCHEDULE", "")
+        self.seq_change_warmup_steps = get("SEQ_CHANGE_WARMUP_STEPS", 0, ">=0")  # LR ramp after each change
         self.train_log_every = get("TRAIN_LOG_EVERY", 500, ">=1")
         self.max_wallclock_seconds = get("MAX_WALLCLOCK_SECONDS", 600.0, ">=0")  # 0: no cap
         self.val_batch_tokens = get("VAL_BATCH_TOKENS", 524288, ">=1")
@@ -243,8 +246,31 @@ class Hyperparameters:
     def local_batch_tokens(self) -> int:
         return self.train_batch_tokens // (self.world_size * self.grad_accum_steps)
 
+    @property
+    def train_seq_stages(self) -> list[tuple[int, float]]:
+        """[(segment length, fraction of training it ends at)], from TRAIN_SEQ_SCHEDULE, else one stage."""
+        if not self.train_seq_schedule:
+            return [(self.train_seq_len, 1.0)]
+        stages = []
+        for item in self.train_seq_schedule.split(","):
+            length, _, end = item.strip().partition("@")
+            try:
+                stages.append((int(length), float(end)))
+            except ValueError:
+                raise ConfigError(f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r} must be LEN@END items, e.g. "
+                                  f"1024@0.1,2048@0.7,3072@1: segments of LEN tokens until fraction END") from None
+        return stages
+
     def check(self):
         """Arithmetic that must hold before anything is built; paths are checked by check_data()."""
+        stages = self.train_seq_stages
+        ends = [end for _, end in stages]
+        if any(b <= a for a, b in zip([0.0] + ends, ends)) or ends[-1] != 1.0 or min(n for n, _ in stages) < 1:
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r}: lengths must be positive and the "
+                              f"END fractions rise to exactly 1, e.g. 1024@0.1,2048@0.7,3072@1")
+        if max(n for n, _ in stages) != self.train_seq_len:
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r}: its longest length must be "
+                              f"TRAIN_SEQ_LEN={self.train_seq_len} (set TRAIN_SEQ_LEN to it)")
         split = self.world_size * self.grad_accum_steps * self.train_seq_len
         if self.train_batch_tokens % split:
             raise ConfigError(
@@ -640,15 +666,22 @@ class DocumentPackingLoader:
         start = self.cursor + self.rank * (self.n + 1)
         chunk = torch.from_numpy(self.tokens[start:start + self.n + 1].astype(np.int64))
         self.cursor += self.span
-        cu, max_len = build_cu_seqlens(chunk[:-1].numpy(), self.max_doc_len)
+        max_doc_len = self.max_doc_len
+        cu, max_len = build_cu_seqlens(chunk[:-1].numpy(), max_doc_len)
         batch = [chunk[:-1], chunk[1:], torch.from_numpy(cu)]
         if self.device.type == "cuda":
             batch = [t.pin_memory() for t in batch]
-        return batch, max_len
+        return batch, max_len, max_doc_len
 
-    def next_batch(self) -> tuple[Tensor, Tensor, Tensor, int]:
-        """(inputs [n], targets [n], cu_seqlens int32, longest segment), on the loader's device."""
-        (x, y, cu), max_len = self._next_batch.result()
+    def next_batch(self, max_doc_len: int | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
+        """(inputs [n], targets [n], cu_seqlens int32, longest segment), on the loader's device.
+        max_doc_len: cut documents at this length from now on (progressive context); the batch
+        prepared ahead with the old length is cut again."""
+        (x, y, cu), max_len, cut_at = self._next_batch.result()
+        if max_doc_len is not None and max_doc_len != cut_at:
+            self.max_doc_len = max_doc_len
+            cu, max_len = build_cu_seqlens(x.numpy(), max_doc_len)
+            cu = torch.from_numpy(cu)
         self._next_batch = self._batch_pool.submit(self._prepare)
         dev = self.device
         return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), cu.to(dev, non_blocking=True), max_len
@@ -1809,6 +1842,35 @@ def looping_at(frac: float, h: Hyperparameters) -> bool:
     return h.num_loops > 0 and frac >= h.enable_looping_at
 
 
+def train_seq_len_at(frac: float, h: Hyperparameters) -> int:
+    """Longest document segment at this point of training (TRAIN_SEQ_SCHEDULE; else TRAIN_SEQ_LEN)."""
+    # progressive training context: PR #2014 (1k -> 2k -> 3k)
+    return next((n for n, end in h.train_seq_stages if frac < end), h.train_seq_stages[-1][0])
+
+
+def warmup_cu_seqlens(n: int, segment: int, device) -> Tensor:
+    """cu_seqlens of a row of n tokens cut every `segment` tokens, padded like build_cu_seqlens."""
+    cu = np.concatenate([np.arange(0, n, max(segment, 1)), [n]])
+    cu = np.concatenate([cu, np.full(-len(cu) % CU_SEQLENS_BUCKET, n)])
+    return torch.from_numpy(cu.astype(np.int32)).to(device)
+
+
+def seq_change_ramp(steps_since: int, changed: bool, h: Hyperparameters) -> float:
+    """LR factor after a segment-length change: (k+1)/SEQ_CHANGE_WARMUP_STEPS for the k-th step since."""
+    if not changed or steps_since >= h.seq_change_warmup_steps:
+        return 1.0
+    return (steps_since + 1) / h.seq_change_warmup_steps
+
+
+def compile_variants(h: Hyperparameters) -> list[tuple[bool, int]]:
+    """The (looping, segment length) pairs training will meet, in order: one compiled graph each."""
+    starts = sorted({0.0, h.enable_looping_at, *(end for _, end in h.train_seq_stages[:-1])})
+    variants = [(looping_at(f, h), train_seq_len_at(f, h)) for f in starts if f < 1]
+    if not h.train_seq_schedule:  # as before the schedule existed: both looping graphs, whatever ENABLE_LOOPING_AT
+        variants = [(False, h.train_seq_len), (True, h.train_seq_len)]
+    return list(dict.fromkeys(variants))
+
+
 def rng_state() -> dict:
     """Every random generator a run draws from, to put back after the warmup."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -1866,23 +1928,29 @@ class Trainer:
         self.opt.muon.orthogonalize = compile_for(device, self.opt.muon.orthogonalize)
         self.ema = EMA(model, h.ema_decay)
         self.loader = self.new_loader()
+        self.seq_len, self.seq_changed_at = h.train_seq_stages[0][0], 0  # progressive context: now, since step
 
     def new_loader(self) -> DocumentPackingLoader:
         h = self.h
-        return DocumentPackingLoader(h.train_files, h.local_batch_tokens, h.train_seq_len, h.rank, h.world_size,
-                                     self.device)
+        return DocumentPackingLoader(h.train_files, h.local_batch_tokens, h.train_seq_stages[0][0], h.rank,
+                                     h.world_size, self.device)
 
-    def step(self, step: int, frac: float, batches=None) -> float:
-        """One optimizer step over grad_accum micro-batches; returns the mean training loss."""
+    def step(self, step: int, frac: float, batches=None, seq_len: int | None = None) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean training loss.
+        seq_len: the longest document segment (default: TRAIN_SEQ_SCHEDULE at frac)."""
         h, total = self.h, torch.zeros((), device=self.device)
+        seq_len = seq_len or train_seq_len_at(frac, h)
+        if seq_len != self.seq_len:
+            self.seq_len, self.seq_changed_at = seq_len, step
         for micro in range(h.grad_accum_steps):
-            x, y, cu, _ = batches[micro] if batches else self.loader.next_batch()
+            x, y, cu, _ = batches[micro] if batches else self.loader.next_batch(seq_len)
             mark_cu_dynamic(cu)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                loss = self.model_fn(x, y, cu, h.train_seq_len).mean()
+                loss = self.model_fn(x, y, cu, seq_len).mean()
             (loss / h.grad_accum_steps).backward()
             total += loss.detach()
-        self.opt.set_schedule(lr_multiplier(frac, h), muon_momentum_at(step, h), muon_wd_at(frac, h))
+        lr_mult = lr_multiplier(frac, h) * seq_change_ramp(step - self.seq_changed_at, self.seq_changed_at > 0, h)
+        self.opt.set_schedule(lr_mult, muon_momentum_at(step, h), muon_wd_at(frac, h))
         if h.grad_clip_norm > 0:
             # Clipping sees this rank's local gradient: there is no DDP, and ranks are averaged
             # later, inside the optimizer step (as in the record).
@@ -1918,17 +1986,18 @@ class Trainer:
         return {"live_loss": live, "ema_loss": ema, "kept": "live" if live < ema else "ema"}
 
     def warm_up(self) -> float:
-        """Compile every graph (looping off/on, short and long cu_seqlens) on training batches,
-        then restore the exact initial state: weights, every optimizer buffer, EMA, loader and
-        random generators. Returns seconds spent."""
+        """Compile every graph training will use (looping off/on, each TRAIN_SEQ_SCHEDULE length, short
+        and long cu_seqlens) on training batches, then restore the exact initial state: weights, every
+        optimizer buffer, EMA, loader, progressive-context state and random generators. Returns seconds."""
         h, model, t0 = self.h, self.model, time.perf_counter()
         if h.warmup_steps <= 0:
             return 0.0
         snapshot = (copy.deepcopy(model.state_dict()), copy.deepcopy(self.opt.state_dict()), self.ema.state_dict(),
-                    rng_state())
-        self.warmup_seconds = {False: [], True: []}  # per warm-up step; the first of each includes compiling
-        steps = max(h.warmup_steps // 2, 1)
-        for looping in (False, True):
+                    rng_state(), (self.seq_len, self.seq_changed_at))
+        variants = compile_variants(h)
+        self.warmup_seconds = {v: [] for v in variants}  # per warm-up step; the first of each includes compiling
+        steps = max(h.warmup_steps // len(variants), 1)
+        for looping, seq_len in variants:
             model.looping = looping
             for i in range(steps):
                 t_step = time.perf_counter()
@@ -1936,19 +2005,19 @@ class Trainer:
                 if i < 4:  # vary the number of segments so each cu_seqlens bucket is seen
                     batches = []
                     for _ in range(h.grad_accum_steps):
-                        x, y, _, _ = self.loader.next_batch()
-                        cu = np.linspace(0, len(x), CU_SEQLENS_BUCKET * (i + 1)).astype(np.int32)
-                        batches.append((x, y, torch.from_numpy(cu).to(self.device), 0))
-                self.step(0, 0.0, batches)  # .item() inside: the time is the step's
-                self.warmup_seconds[looping].append(time.perf_counter() - t_step)
+                        x, y, _, _ = self.loader.next_batch(seq_len)
+                        batches.append((x, y, warmup_cu_seqlens(len(x), seq_len // (i + 1), self.device), 0))
+                self.step(0, 0.0, batches, seq_len)  # .item() inside: the time is the step's
+                self.warmup_seconds[looping, seq_len].append(time.perf_counter() - t_step)
                 if i == 0 or i == steps - 1:
-                    self.log(f"warmup looping:{int(looping)} step:{i + 1}/{steps} "
-                             f"{self.warmup_seconds[looping][-1]:.1f}s elapsed:{time.perf_counter() - t0:.0f}s")
+                    self.log(f"warmup looping:{int(looping)} seq_len:{seq_len} step:{i + 1}/{steps} "
+                             f"{self.warmup_seconds[looping, seq_len][-1]:.1f}s elapsed:{time.perf_counter() - t0:.0f}s")
         model.looping = False
         model.load_state_dict(snapshot[0])
         self.opt.load_state_dict(snapshot[1])
         self.ema.load_state_dict(snapshot[2])
         set_rng_state(snapshot[3])
+        self.seq_len, self.seq_changed_at = snapshot[4]
         self.loader.close()
         self.loader = self.new_loader()
         if self.device.type == "cuda":
@@ -1991,6 +2060,8 @@ class Trainer:
                 phase = {"steps": 0, "ms": 0.0}
                 encoder, decoder = model.layer_order()
                 log(f"looping:on step:{step} encoder:{encoder} decoder:{decoder}")
+            if train_seq_len_at(frac, h) != self.seq_len:
+                log(f"seq_len:{train_seq_len_at(frac, h)} step:{step} (was {self.seq_len})")
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

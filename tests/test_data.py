@@ -339,3 +339,17 @@ def test_missing_shards_and_tokenizer(tmp_path, tiny_dataset, make_hparams):
     assert f"VOCAB_SIZE={tiny_dataset.vocab_size}" in message and "DATA_DIR=" in message
 
 
+
+
+def test_packing_loader_cuts_at_a_new_max_doc_len_from_the_next_batch(tmp_path):
+    # the batch prepared ahead with the old length is cut again; the ones after use the new length
+    pattern, _ = make_shards(str(tmp_path), [5000], lead=0)
+    loader = DocumentPackingLoader(pattern, 400, 128)
+    try:
+        batches = [loader.next_batch(), loader.next_batch(32), loader.next_batch(), loader.next_batch(32)]
+    finally:
+        loader.close()
+    for (x, _, cu, max_len), cut in zip(batches, (128, 32, 32, 32)):
+        ref_cu, ref_max = build_cu_seqlens(x.numpy(), cut)
+        assert np.array_equal(cu.numpy(), ref_cu) and max_len == ref_max <= cut
+    assert batches[0][3] > 32  # the documents are long enough for the new length to matter

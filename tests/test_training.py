@@ -195,3 +195,79 @@ def test_ema_select_keeps_whichever_weights_score_lower_on_unseen_training_batch
             p.copy_(live[n])
     assert trainer.finish_with_better_average()["kept"] == "live"
     assert all(torch.equal(p.detach(), live[n]) for n, p in model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Progressive training context (TRAIN_SEQ_SCHEDULE)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_seq_schedule_stages_and_lengths():
+    h = tg.Hyperparameters(env={"TRAIN_SEQ_SCHEDULE": "1024@0.1, 2048@0.7,3072@1", "TRAIN_SEQ_LEN": "3072"})
+    h.check()
+    assert h.train_seq_stages == [(1024, 0.1), (2048, 0.7), (3072, 1.0)]
+    assert [tg.train_seq_len_at(f, h) for f in (0, 0.0999, 0.1, 0.69, 0.7, 0.99, 1.0)] == \
+        [1024, 1024, 2048, 2048, 3072, 3072, 3072]
+    # looping switches on at 0.35, inside the 2048 stage: four graphs, in the order training meets them
+    assert tg.compile_variants(h) == [(False, 1024), (False, 2048), (True, 2048), (True, 3072)]
+    plain = tg.Hyperparameters(env={})
+    assert plain.train_seq_stages == [(2048, 1.0)] and tg.train_seq_len_at(0.5, plain) == 2048
+    assert tg.compile_variants(plain) == [(False, 2048), (True, 2048)]
+
+
+@pytest.mark.parametrize("schedule, seq_len, message", [
+    ("1024@0.5,2048", "2048", "LEN@END"),
+    ("1024@0.5,2048@0.4,3072@1", "3072", "rise to exactly 1"),
+    ("1024@0.5,2048@0.9", "2048", "rise to exactly 1"),
+    ("0@0.5,2048@1", "2048", "positive"),
+    ("1024@0.5,2048@1", "4096", "longest length must be TRAIN_SEQ_LEN=4096"),
+])
+def test_train_seq_schedule_rejects(schedule, seq_len, message):
+    with pytest.raises(tg.ConfigError, match=message):
+        tg.Hyperparameters(env={"TRAIN_SEQ_SCHEDULE": schedule, "TRAIN_SEQ_LEN": seq_len}).check()
+
+
+def test_seq_change_ramp():
+    h = tg.Hyperparameters(env={"SEQ_CHANGE_WARMUP_STEPS": "4"})
+    assert [tg.seq_change_ramp(k, True, h) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert tg.seq_change_ramp(0, False, h) == 1.0  # the first stage is not a change
+    assert tg.seq_change_ramp(0, True, tg.Hyperparameters(env={})) == 1.0  # off by default
+
+
+def test_progressive_context_warm_up_and_training(make_hparams):
+    # 64-token segments until 30% of training, then 128; looping at 35%: three graphs to warm up
+    h = make_hparams(WARMUP_STEPS=6, ITERATIONS=10, VAL_LOSS_EVERY=0, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=1024,
+                     TRAIN_SEQ_SCHEDULE="64@0.3,128@1", SEQ_CHANGE_WARMUP_STEPS=2)
+    assert tg.compile_variants(h) == [(False, 64), (False, 128), (True, 128)]
+    torch.manual_seed(h.seed)
+    model = tg.build_model(h, torch.device("cpu"))
+    lines, calls = [], []
+    trainer = tg.Trainer(h, model, model, torch.device("cpu"), lines.append)
+    model_fn = trainer.model_fn
+
+    def spy(x, y, cu, max_seqlen):
+        segments = np.diff(cu.numpy())
+        calls.append((model.looping, max_seqlen, int(segments.max())))
+        return model_fn(x, y, cu, max_seqlen)
+
+    trainer.model_fn = spy
+    lr_seen = []
+    set_schedule = trainer.opt.set_schedule
+    trainer.opt.set_schedule = lambda lr, *rest: lr_seen.append(lr) or set_schedule(lr, *rest)
+    trainer.warm_up()
+    warm = calls[:]
+    assert [c[:2] for c in warm[::h.grad_accum_steps]] == [(False, 64), (False, 64), (False, 128), (False, 128),
+                                                           (True, 128), (True, 128)]
+    assert all(longest <= max_seqlen for _, max_seqlen, longest in warm)  # no segment is longer than it says
+    assert trainer.seq_len == 64 and trainer.seq_changed_at == 0  # restored
+    calls.clear()
+    lr_seen.clear()
+    stats = trainer.train(lambda step: (1.0, 1.0))
+    assert stats["steps"] == 10
+    per_step = [c[1] for c in calls[::h.grad_accum_steps]]
+    assert per_step == [64, 64, 64] + [128] * 7  # steps 0-2 have frac < 0.3
+    assert all(longest <= max_seqlen for _, max_seqlen, longest in calls)
+    assert any("seq_len:128 step:3 (was 64)" in line for line in lines)
+    ramp = [tg.lr_multiplier(s / 10, h) for s in range(10)]
+    ramp[3], ramp[4] = ramp[3] * 0.5, ramp[4] * 1.0
+    assert lr_seen == pytest.approx(ramp)

@@ -560,8 +560,8 @@ class BatchRecorder:
         self.cus: list | None = None
         loader.next_batch = self
 
-    def __call__(self):
-        batch = self.inner()
+    def __call__(self, *args, **kwargs):
+        batch = self.inner(*args, **kwargs)
         if self.cus is not None:
             self.cus.append(batch[2])
         return batch
@@ -700,7 +700,8 @@ def _measure(args, h, device, backend, trainer, setup_s: float, log) -> dict:
     log(f"attention {backend}, fused MLP {fused}; compiling and warming up ({h.warmup_steps} warm-up steps)...")
     compile_warmup_s = trainer.warm_up()
     log(f"compile + warmup: {compile_warmup_s:.1f} s")
-    warmup_seconds = {("on" if k else "off"): v for k, v in getattr(trainer, "warmup_seconds", {}).items()}
+    warmup_seconds = {("on" if looping else "off") + (f", seq_len {n}" if h.train_seq_schedule else ""): v
+                      for (looping, n), v in getattr(trainer, "warmup_seconds", {}).items()}
 
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
