@@ -135,6 +135,8 @@ class Hyperparameters:
         self.skip_gates_enabled = bool(get("SKIP_GATES_ENABLED", 1, "0/1"))
         self.smear_gate = bool(get("SMEAR_GATE", 0, "0/1"))  # each token adds a gated share of the previous one
         self.attn_out_gate = bool(get("ATTN_OUT_GATE", 0, "0/1"))  # input-dependent gate on each head's output
+        self.sparse_attn_gate = bool(get("SPARSE_ATTN_GATE", 0, "0/1"))  # the same gate from 12 input channels
+        self.sparse_attn_gate_scale = get("SPARSE_ATTN_GATE_SCALE", 0.5)
         self.logit_softcap = get("LOGIT_SOFTCAP", 30.0, ">0")
         self.logit_softcap_neg = get("LOGIT_SOFTCAP_NEG", 0.0, ">=0")  # cap of negative logits; 0: LOGIT_SOFTCAP
         self.rope_base = get("ROPE_BASE", 10000.0, ">0")
@@ -204,6 +206,10 @@ class Hyperparameters:
         self.embed_clip_sigmas = get("EMBED_CLIP_SIGMAS", 20.0, ">0")
         # per-group clip (PR #1626): the MLP's and attention's matrices apart; 0: MATRIX_CLIP_SIGMAS
         self.mlp_clip_sigmas = get("MLP_CLIP_SIGMAS", 0.0, ">=0")
+        # LQER: low-rank correction of the GPTQ residual of the LQER_TOP_K matrices it is largest in
+        self.lqer_top_k = get("LQER_TOP_K", 0, ">=0")
+        self.lqer_rank = get("LQER_RANK", 4, ">=1")
+        self.lqer_group = get("LQER_GROUP", 64, ">=1")  # int4 factor B: one fp16 scale per this many values
         self.attn_clip_sigmas = get("ATTN_CLIP_SIGMAS", 0.0, ">=0")
         self.artifact_limit_bytes = get("ARTIFACT_LIMIT_BYTES", 16_000_000, ">=1")
         self.artifact_autofit = bool(get("ARTIFACT_AUTOFIT", 0, "0/1"))
@@ -307,6 +313,8 @@ class Hyperparameters:
         if self.ttt_eval_seq_len < self.ttt_chunk_size:
             raise ConfigError(f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} must be at least "
                               f"TTT_CHUNK_SIZE={self.ttt_chunk_size}")
+        if self.attn_out_gate and self.sparse_attn_gate:
+            raise ConfigError("ATTN_OUT_GATE=1 and SPARSE_ATTN_GATE=1 are two forms of one gate: set one of them")
         if self.vocab_size > 2**16:
             raise ConfigError(f"VOCAB_SIZE={self.vocab_size} must be at most 65536: shards store uint16 token ids")
         for name, bits in (("MATRIX_BITS", self.matrix_bits), ("EMBED_BITS", self.embed_bits)):
@@ -1351,6 +1359,7 @@ _VARLEN_GQA = _varlen_gqa_kwargs()
 
 
 SMEAR_INPUTS = 12  # SmearGate reads the first channels of each token's normed embedding
+ATTN_GATE_INPUTS = 12  # SPARSE_ATTN_GATE reads the first channels of each block's normed input
 
 
 class GPT(nn.Module):
@@ -1389,8 +1398,10 @@ class GPT(nn.Module):
         self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))  # [layer, source attn/mlp, dest lane]
         self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
         self.smear = h.smear_gate
-        if h.attn_out_gate:  # zero weights: every head's gate is 2 sigmoid(0) = 1 at the start
-            self.attn_gate = nn.Parameter(torch.zeros(L, h.num_heads, D))
+        if h.attn_out_gate or h.sparse_attn_gate:  # zero weights: gates 2 sigmoid(0) = 1 (dense), sigmoid(0) (sparse)
+            self.attn_gate = nn.Parameter(torch.zeros(L, h.num_heads, min(ATTN_GATE_INPUTS, D) if h.sparse_attn_gate
+                                                      else D))
+            self.attn_gate_scale = h.sparse_attn_gate_scale if h.sparse_attn_gate else None
         if self.smear:  # zero strength: the model starts as if without it
             self.smear_w = nn.Parameter(torch.zeros(min(SMEAR_INPUTS, D)))
             self.smear_lambda = nn.Parameter(torch.zeros(1))
@@ -1434,8 +1445,12 @@ class GPT(nn.Module):
         y = causal_attention(q, k, v, cu_seqlens, max_seqlen, self.attn_backend)
         if l >= self.xsa_first:
             y = exclusive_self_attention(y, v)
-        if hasattr(self, "attn_gate"):  # per-head output gate (PR #1667; Qiu et al. 2025, arXiv:2505.06708)
-            y = y * (2 * torch.sigmoid(F.linear(x, self.attn_gate[l].to(x.dtype))))[..., None]
+        if hasattr(self, "attn_gate"):  # per-head output gate (gated attention: Qiu et al. 2025, arXiv:2505.06708)
+            g = F.linear(x[..., :self.attn_gate.size(-1)], self.attn_gate[l].to(x.dtype))
+            if self.attn_gate_scale is None:  # dense: the whole normed input (PR #1736's form), starts at 1
+                y = y * (2 * torch.sigmoid(g))[..., None]
+            else:  # sparse: its first 12 channels, sigmoid(scale * g), starts at 1/2 (PR #1787; scale 0.5: #1855)
+                y = y * torch.sigmoid(self.attn_gate_scale * g)[..., None]
         y = y.flatten(-2)
         if self.capture:
             self.capture(f"blocks.{l}.attn.proj", y)
@@ -2300,14 +2315,53 @@ def quantize_state_dict(state: dict, hessians: dict, matrix_bits: int, matrix_cl
     return w, meta
 
 
+# LQER (low-rank quantization error reconstruction; Zhang et al. 2024, arXiv:2402.02446; PR #1797,
+# kept in #1851): the GPTQ residual E = W - q*scale of the few matrices where it is largest gets a
+# rank-r correction A·B from its SVD, stored small: A (rows x r) as int2 levels -2..1 with one fp16
+# scale, B (r x cols) as int4 levels -8..7 with one fp16 scale per LQER_GROUP values.
+LQER_A_LEVELS, LQER_B_LEVELS = (-2, 1), (-8, 7)
+
+
+def lqer_correct(state: dict, w: dict, meta: dict, top_k: int, rank: int, group: int) -> list[str]:
+    """Add LQER factors to w for the top_k GPTQ'd matrices by Frobenius norm of their residual;
+    returns their names. meta[name]["lqer"] = [rank, cols] marks them."""
+    residual = {name: state[name].detach().float().cpu() - _gptq_dequantized(w, name)
+                for name, info in meta.items() if info["tag"].startswith("gptq")}
+    picked = sorted(residual, key=lambda n: -residual[n].norm().item())[:top_k]
+    for name in picked:
+        U, S, Vh = torch.linalg.svd(residual[name], full_matrices=False)
+        r = min(rank, S.numel())
+        a, b = U[:, :r] * S[:r], Vh[:r]
+        a_scale = (a.abs().max() / 1.5).clamp_min(2.0**-24).half()
+        b_flat = F.pad(b.flatten(), (0, -b.numel() % group)).view(-1, group)
+        b_scale = (b_flat.abs().amax(dim=1) / 7.5).clamp_min(2.0**-24).half()
+        w[name + ".lqer_a"] = torch.round(a / a_scale.float()).clamp(*LQER_A_LEVELS).to(torch.int8)
+        w[name + ".lqer_a_scale"] = a_scale
+        w[name + ".lqer_b"] = torch.round(b_flat / b_scale.float()[:, None]).clamp(*LQER_B_LEVELS).to(torch.int8)
+        w[name + ".lqer_b_scale"] = b_scale
+        meta[name]["lqer"] = [r, b.shape[1]]
+    return picked
+
+
+def _gptq_dequantized(w: dict, name: str) -> Tensor:
+    """q * scale (+ the LQER correction where there is one), fp32."""
+    out = w[name + ".q"].float() * w[name + ".scale"].float()[:, None]
+    if name + ".lqer_a" in w:
+        r, cols = int(w[name + ".lqer_a"].shape[1]), out.shape[1]
+        a = w[name + ".lqer_a"].float() * w[name + ".lqer_a_scale"].float()
+        b = (w[name + ".lqer_b"].float() * w[name + ".lqer_b_scale"].float()[:, None]).flatten()[:r * cols]
+        out = out + a @ b.view(r, cols)
+    return out
+
+
 def dequantize_state_dict(w: dict, meta: dict) -> dict:
-    """Invert quantize_state_dict: q * scale per row (in fp32), every tensor cast back to its
-    original dtype, in meta's order."""
+    """Invert quantize_state_dict: q * scale per row (in fp32, plus any LQER correction), every
+    tensor cast back to its original dtype, in meta's order."""
     out = {}
     for name, info in meta.items():
         dtype = getattr(torch, info["dtype"])
         if info["tag"].startswith("gptq"):
-            out[name] = (w[name + ".q"].float() * w[name + ".scale"].float()[:, None]).to(dtype)
+            out[name] = _gptq_dequantized(w, name).to(dtype)
         else:
             out[name] = w[name].to(dtype)
     return out
@@ -2476,6 +2530,8 @@ def stored_bytes_by_kind(w: dict, meta: dict) -> dict[str, int]:
     for name, info in meta.items():
         parts = [(info["tag"], w[name + ".q"]), ("scales (float16)", w[name + ".scale"])] \
             if info["tag"].startswith("gptq") else [(info["tag"], w[name])]
+        parts += [("LQER factors", w[name + suffix]) for suffix in (".lqer_a", ".lqer_a_scale", ".lqer_b",
+                                                                    ".lqer_b_scale") if "lqer" in info]
         for kind, t in parts:
             kinds[kind] = kinds.get(kind, 0) + t.numel() * t.element_size()
     return kinds
@@ -2538,8 +2594,11 @@ def quantize_model(model: GPT, h: Hyperparameters, hessians: dict, clip_factor: 
     state = unbank_state({k: v.detach() for k, v in model.state_dict().items()}, h.num_layers)
     groups = {key: sigmas * clip_factor for key, sigmas in ((".mlp.", h.mlp_clip_sigmas), (".attn.", h.attn_clip_sigmas))
               if sigmas > 0}
-    return quantize_state_dict(state, hessians, h.matrix_bits, h.matrix_clip_sigmas * clip_factor,
-                               h.embed_bits, h.embed_clip_sigmas, group_clip_sigmas=groups)
+    w, meta = quantize_state_dict(state, hessians, h.matrix_bits, h.matrix_clip_sigmas * clip_factor,
+                                  h.embed_bits, h.embed_clip_sigmas, group_clip_sigmas=groups)
+    if h.lqer_top_k:
+        lqer_correct(state, w, meta, h.lqer_top_k, h.lqer_rank, h.lqer_group)
+    return w, meta
 
 
 def load_artifact(blob: bytes, model: GPT, path: str = "the artifact") -> None:

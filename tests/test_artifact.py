@@ -400,3 +400,42 @@ def test_group_clip_sigmas_set_the_scale_of_their_matrices_only():
     h = tg.Hyperparameters(env={"MLP_CLIP_SIGMAS": "14", "ATTN_CLIP_SIGMAS": "11"})
     assert (h.mlp_clip_sigmas, h.attn_clip_sigmas) == (14.0, 11.0)
     assert tg.Hyperparameters(env={}).mlp_clip_sigmas == 0  # default: MATRIX_CLIP_SIGMAS for every matrix
+
+
+def test_lqer_corrects_the_largest_residuals_and_round_trips():
+    """LQER_TOP_K=1: the GPTQ'd matrix with the largest residual gets a rank-r correction (int2 A, int4 B
+    in groups) that lowers its error; the others are untouched; the factors survive serialization."""
+    state, (w, meta) = quantize_small()
+    plain = tg.dequantize_state_dict(w, meta)
+    residual = {n: (state[n].float() - plain[n].float()).norm().item() for n in ("tok_emb.weight",
+                                                                                 "blocks.0.mlp.fc.weight")}
+    picked = tg.lqer_correct(state, w, meta, top_k=1, rank=4, group=64)
+    assert picked == [max(residual, key=residual.get)]
+    name = picked[0]
+    assert meta[name]["lqer"] == [4, state[name].shape[1]]
+    a, b = w[name + ".lqer_a"], w[name + ".lqer_b"]
+    assert a.dtype == b.dtype == torch.int8 and a.shape == (state[name].shape[0], 4)
+    assert a.min() >= -2 and a.max() <= 1 and b.min() >= -8 and b.max() <= 7 and b.shape[1] == 64
+    assert w[name + ".lqer_b_scale"].dtype == torch.float16 and w[name + ".lqer_b_scale"].numel() == b.shape[0]
+    blob = tg.serialize_quantized(w, meta, "lzma")
+    out = tg.dequantize_state_dict(*tg.deserialize_quantized(blob))
+    after = (state[name].float() - out[name].float()).norm().item()
+    assert after < residual[name]
+    other = next(n for n in residual if n != name)
+    assert torch.equal(out[other], plain[other])
+    assert tg.stored_bytes_by_kind(w, meta)["LQER factors"] == a.numel() + b.numel() + 2 + 2 * b.shape[0]
+
+
+def test_lqer_recovers_a_low_rank_residual():
+    """A residual that is exactly rank 4 (weights on the grid plus a rank-4 term) is partly removed;
+    what is left is the factors' coarse rounding (A has four levels)."""
+    torch.manual_seed(0)
+    q = torch.round(torch.randn(256, 128) * 2).clamp(-31, 31)
+    low = torch.randn(256, 4) @ torch.randn(4, 128) * 1e-3
+    state = {"m": q * 0.01 + low}
+    w = {"m.q": q.to(torch.int8), "m.scale": torch.full((256,), 0.01).half()}
+    meta = {"m": {"tag": "gptq (int6)", "dtype": "float32"}}
+    before = (state["m"] - tg.dequantize_state_dict(w, meta)["m"]).norm()
+    tg.lqer_correct(state, w, meta, top_k=1, rank=4, group=64)
+    after = (state["m"] - tg.dequantize_state_dict(w, meta)["m"]).norm()
+    assert after < 0.75 * before, (after, before)  # 0.37 -> 0.25: four levels in A are coarse

@@ -442,6 +442,29 @@ def test_attention_output_gate_starts_open_and_scales_each_head():
     assert not torch.allclose(gate, torch.ones_like(gate))
 
 
+def test_sparse_attention_gate_reads_twelve_channels_and_starts_at_one_half():
+    """SPARSE_ATTN_GATE=1: head h's output times sigmoid(scale * w_h . x[:12]), x the block's normed
+    input; zero weights halve every head's output."""
+    gated = tiny_model(seed=5, SPARSE_ATTN_GATE=1, SPARSE_ATTN_GATE_SCALE=0.5)
+    assert gated.attn_gate.shape == (gated.num_layers, 4, 12)
+    rope = tg.rotary_tables(12, gated.rope_dims, gated.rope_base, "cpu")
+    x = torch.randn(2, 12, 64)
+    weights = torch.randn_like(gated.attn_gate) * 0.3
+    outs = []
+    with torch.no_grad():
+        for w in (torch.zeros_like(weights), weights):
+            gated.attn_gate.copy_(w)
+            captured = {}
+            gated.capture = lambda key, t: captured.setdefault(key, t)  # the input of the output projection
+            gated.attn(0, x, rope, None, 0, None, 0)
+            outs.append(captured["blocks.0.attn.proj"].unflatten(-1, (4, 16)))
+    ungated = 2 * outs[0]  # sigmoid(0) = 1/2
+    gate = torch.sigmoid(0.5 * (x[..., :12] @ weights[0].T))  # [2, 12, heads]
+    torch.testing.assert_close(outs[1], ungated * gate[..., None])
+    with pytest.raises(tg.ConfigError, match="two forms of one gate"):
+        tg.Hyperparameters(env={"SPARSE_ATTN_GATE": "1", "ATTN_OUT_GATE": "1"}).check()
+
+
 def test_asymmetric_softcap_bounds_negative_logits_separately():
     """LOGIT_SOFTCAP_NEG=c: negative logits are c * tanh(z / c), positive ones keep LOGIT_SOFTCAP;
     unset (0) it is the symmetric cap, bit for bit."""
