@@ -206,6 +206,10 @@ class Hyperparameters:
         self.embed_clip_sigmas = get("EMBED_CLIP_SIGMAS", 20.0, ">0")
         # per-group clip (PR #1626): the MLP's and attention's matrices apart; 0: MATRIX_CLIP_SIGMAS
         self.mlp_clip_sigmas = get("MLP_CLIP_SIGMAS", 0.0, ">=0")
+        # AWQ-lite: the AWQ_LITE_GROUPS most salient column groups of the model get AWQ_LITE_BITS
+        self.awq_lite_groups = get("AWQ_LITE_GROUPS", 0, ">=0")
+        self.awq_lite_group_size = get("AWQ_LITE_GROUP_SIZE", 64, ">=1")
+        self.awq_lite_bits = get("AWQ_LITE_BITS", 8)
         # LQER: low-rank correction of the GPTQ residual of the LQER_TOP_K matrices it is largest in
         self.lqer_top_k = get("LQER_TOP_K", 0, ">=0")
         self.lqer_rank = get("LQER_RANK", 4, ">=1")
@@ -317,7 +321,8 @@ class Hyperparameters:
             raise ConfigError("ATTN_OUT_GATE=1 and SPARSE_ATTN_GATE=1 are two forms of one gate: set one of them")
         if self.vocab_size > 2**16:
             raise ConfigError(f"VOCAB_SIZE={self.vocab_size} must be at most 65536: shards store uint16 token ids")
-        for name, bits in (("MATRIX_BITS", self.matrix_bits), ("EMBED_BITS", self.embed_bits)):
+        for name, bits in (("MATRIX_BITS", self.matrix_bits), ("EMBED_BITS", self.embed_bits),
+                           ("AWQ_LITE_BITS", self.awq_lite_bits)):
             if not 2 <= bits <= 8:
                 raise ConfigError(f"{name}={bits} must be between 2 and 8 (quantized values are stored as int8)")
         if self.eval_only_path and not self.eval_only_path.endswith((".pt", ".ptz")):
@@ -2201,13 +2206,16 @@ def collect_hessians(model: GPT, h: Hyperparameters, device) -> dict[str, Tensor
 
 
 def gptq_quantize(weight: Tensor, hessian: Tensor, clip_sigmas: float, bits: int,
-                  block_size: int = 128) -> tuple[Tensor, Tensor]:
+                  block_size: int = 128, fine_cols: Tensor | None = None,
+                  fine_bits: int = 8) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """GPTQ (Frantar et al. 2022, arXiv:2210.17323) with act-order and SDClip scales (PR #1394).
 
     weight [rows, cols] with hessian [cols, cols] = sum of x x^T over the layer's inputs, or a
     stack [batch, rows, cols] with [batch, cols, cols] (matrices of one shape done in one pass,
     which cuts the per-column Python loop by the batch size). Returns q int8 (levels -r..r,
     r = 2^(bits-1) - 1) and the per-row scale fp16, on the weight's device; w ~ q * scale.
+    fine_cols: bool [cols] (or [batch, cols]): these columns get fine_bits levels and a second
+    per-row scale in the same solve (AWQ_LITE_GROUPS); the third result is that scale.
     Runs in fp32 on the GPU when there is one.
     """
     r = 2 ** (bits - 1) - 1
@@ -2226,6 +2234,11 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, clip_sigmas: float, bits: int
     # smallest subnormal (2^-24), not 1e-10, which would round to 0 in fp16.
     scale = (clip_sigmas * W.std(dim=-1) / r).clamp_min(2.0**-24).half()
     s = scale.float()  # [batch, rows]
+    fine = torch.zeros(batch, cols, dtype=torch.bool, device=dev)
+    if fine_cols is not None:
+        fine |= fine_cols.to(dev).expand(batch, cols)
+    r_fine = 2 ** (fine_bits - 1) - 1
+    fine_scale = (clip_sigmas * W.std(dim=-1) / r_fine).clamp_min(2.0**-24).half()
 
     # Dead inputs (never nonzero in calibration) carry no information: pin their Hessian
     # diagonal to 1 and drop the weight; then damp by 1% of the mean diagonal for stability.
@@ -2239,6 +2252,9 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, clip_sigmas: float, bits: int
     # largest Hessian diagonal first, while many columns are still left to absorb their errors.
     perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # stable: ties order alike everywhere
     W = W.gather(-1, perm[:, None, :].expand(-1, rows, -1))
+    fine = fine.gather(-1, perm)
+    levels = torch.where(fine, r_fine, r).float()  # [batch, cols], in act order
+    s_fine = fine_scale.float()
     H = H.gather(-1, perm[:, None, :].expand(-1, cols, -1)).gather(-2, perm[:, :, None].expand(-1, -1, cols))
 
     # The rows of the upper Cholesky factor of H^-1 are exactly the error-propagation weights
@@ -2255,9 +2271,14 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, clip_sigmas: float, bits: int
         Eb = torch.empty_like(Wb)
         for j in range(i2 - i1):
             w = Wb[..., j]
-            q = torch.clamp(torch.round(w / s), -r, r)
+            if fine_cols is None:
+                sj = s
+                q = torch.clamp(torch.round(w / s), -r, r)
+            else:  # this column's own levels and scale: [batch, 1] and [batch, rows]
+                sj, lim = torch.where(fine[:, i1 + j, None], s_fine, s), levels[:, i1 + j, None]
+                q = torch.maximum(torch.minimum(torch.round(w / sj), lim), -lim)
             Q[..., i1 + j] = q
-            e = (w - q * s) / d[..., j]
+            e = (w - q * sj) / d[..., j]
             Eb[..., j] = e
             # spread this column's error over the rest of the block (rank-1 update)
             Wb[..., j + 1:] -= e[..., None] * Ub[:, None, j, j + 1:]
@@ -2267,7 +2288,9 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, clip_sigmas: float, bits: int
     # undo the act-order permutation: column j of Q belongs at column perm[j]
     q = torch.empty_like(Q).scatter_(-1, perm[:, None, :].expand(-1, rows, -1), Q).to(torch.int8)
     if single:
-        q, scale = q[0], scale[0]
+        q, scale, fine_scale = q[0], scale[0], fine_scale[0]
+    if fine_cols is not None:
+        return q.to(home), scale.to(home), fine_scale.to(home)
     return q.to(home), scale.to(home)
 
 
@@ -2276,7 +2299,8 @@ QUANT_MIN_NUMEL = 65_536  # tensors up to this size are stored as fp16, larger o
 
 def quantize_state_dict(state: dict, hessians: dict, matrix_bits: int, matrix_clip_sigmas: float,
                         embed_bits: int, embed_clip_sigmas: float,
-                        embed_name: str = "tok_emb.weight", group_clip_sigmas: dict | None = None) -> tuple[dict, dict]:
+                        embed_name: str = "tok_emb.weight", group_clip_sigmas: dict | None = None,
+                        fine_groups: int = 0, fine_group_size: int = 64, fine_bits: int = 8) -> tuple[dict, dict]:
     """Split a float state dict into what the artifact stores.
 
     Returns (w, meta). w: "<name>.q" int8 and "<name>.scale" fp16 for each GPTQ'd tensor, the
@@ -2284,6 +2308,8 @@ def quantize_state_dict(state: dict, hessians: dict, matrix_bits: int, matrix_cl
     {"tag": "gptq (int6)" | "gptq (int8)" | "passthrough (float16)" | ..., "dtype": original}.
     Matrices of one shape and setting go through GPTQ together (see gptq_quantize).
     group_clip_sigmas: {".mlp.": sigmas, ...}: matrices whose name contains the key use that clip.
+    fine_groups: the model's most salient fine_group_size-column groups get fine_bits (awq_lite_groups);
+    such a matrix also stores "<name>.fine_scale" fp16 and "<name>.fine_cols" int32 [[start, size], ...].
     """
     w, meta, jobs = {}, {}, {}
     for name, t in state.items():
@@ -2304,15 +2330,45 @@ def quantize_state_dict(state: dict, hessians: dict, matrix_bits: int, matrix_cl
             sigmas = next((v for k, v in (group_clip_sigmas or {}).items() if k in name and name != embed_name), sigmas)
             meta[name] = {"tag": f"gptq (int{bits})", "dtype": dtype}
             jobs.setdefault((tuple(t.shape), bits, sigmas), []).append(name)
+    coarse = [n for (_, bits, _), names in jobs.items() if bits < fine_bits for n in names]
+    fine = awq_lite_groups(state, hessians, coarse, fine_groups, fine_group_size) if fine_groups else {}
     for (_, bits, sigmas), names in jobs.items():
+        mask = None
+        if any(n in fine for n in names):
+            mask = torch.zeros(len(names), state[names[0]].shape[1], dtype=torch.bool)
+            for i, n in enumerate(names):
+                for start in fine.get(n, []):
+                    mask[i, start:start + fine_group_size] = True
         try:
-            q, scale = gptq_quantize(torch.stack([state[n].detach() for n in names]),
-                                     torch.stack([hessians[n].detach() for n in names]), sigmas, bits)
+            out = gptq_quantize(torch.stack([state[n].detach() for n in names]),
+                                torch.stack([hessians[n].detach() for n in names]), sigmas, bits,
+                                fine_cols=mask, fine_bits=fine_bits)
         except torch.linalg.LinAlgError as e:  # a NaN/inf Hessian (diverged run) ends up here
             raise ValueError(f"GPTQ failed for {', '.join(names)}: {e}") from None
-        for n, qn, sn in zip(names, q.cpu(), scale.cpu()):
-            w[n + ".q"], w[n + ".scale"] = qn.clone(), sn.clone()
+        for i, n in enumerate(names):
+            w[n + ".q"], w[n + ".scale"] = out[0][i].cpu().clone(), out[1][i].cpu().clone()
+            if n in fine:
+                w[n + ".fine_scale"] = out[2][i].cpu().clone()
+                w[n + ".fine_cols"] = torch.tensor([[start, fine_group_size] for start in fine[n]], dtype=torch.int32)
     return w, meta
+
+
+def awq_lite_groups(state: dict, hessians: dict, names: list[str], count: int, size: int) -> dict[str, list[int]]:
+    """The `count` most salient groups of `size` consecutive input columns over all these matrices:
+    {name: [first column, ...]}. Saliency of column j: RMS of its input (sqrt of the Hessian's
+    diagonal, the mean of x_j^2) times the mean |W_ij| over rows; a group's is the sum over its columns."""
+    # AWQ-lite (PR #1908): mixed precision for the salient columns instead of AWQ's rescaling
+    scores = []
+    for name in names:
+        W, H = state[name].detach().float(), hessians[name].detach().float()
+        saliency = H.diagonal().clamp_min(0).sqrt().to(W.device) * W.abs().mean(dim=0)
+        usable = saliency.numel() - saliency.numel() % size
+        for g, value in enumerate(saliency[:usable].view(-1, size).sum(dim=1).tolist()):
+            scores.append((value, name, g * size))
+    picked = {}
+    for _, name, start in sorted(scores, key=lambda t: -t[0])[:count]:
+        picked.setdefault(name, []).append(start)
+    return picked
 
 
 # LQER (low-rank quantization error reconstruction; Zhang et al. 2024, arXiv:2402.02446; PR #1797,
@@ -2344,8 +2400,13 @@ def lqer_correct(state: dict, w: dict, meta: dict, top_k: int, rank: int, group:
 
 
 def _gptq_dequantized(w: dict, name: str) -> Tensor:
-    """q * scale (+ the LQER correction where there is one), fp32."""
+    """q * scale (the fine scale in AWQ-lite's columns; + the LQER correction where there is one), fp32."""
     out = w[name + ".q"].float() * w[name + ".scale"].float()[:, None]
+    if name + ".fine_scale" in w:
+        fine_cols = torch.zeros(out.shape[1], dtype=torch.bool)
+        for start, size in w[name + ".fine_cols"].tolist():
+            fine_cols[start:start + size] = True
+        out = torch.where(fine_cols, w[name + ".q"].float() * w[name + ".fine_scale"].float()[:, None], out)
     if name + ".lqer_a" in w:
         r, cols = int(w[name + ".lqer_a"].shape[1]), out.shape[1]
         a = w[name + ".lqer_a"].float() * w[name + ".lqer_a_scale"].float()
@@ -2532,6 +2593,8 @@ def stored_bytes_by_kind(w: dict, meta: dict) -> dict[str, int]:
             if info["tag"].startswith("gptq") else [(info["tag"], w[name])]
         parts += [("LQER factors", w[name + suffix]) for suffix in (".lqer_a", ".lqer_a_scale", ".lqer_b",
                                                                     ".lqer_b_scale") if "lqer" in info]
+        parts += [("AWQ-lite scales", w[name + suffix]) for suffix in (".fine_scale", ".fine_cols")
+                  if name + suffix in w]
         for kind, t in parts:
             kinds[kind] = kinds.get(kind, 0) + t.numel() * t.element_size()
     return kinds
@@ -2595,7 +2658,9 @@ def quantize_model(model: GPT, h: Hyperparameters, hessians: dict, clip_factor: 
     groups = {key: sigmas * clip_factor for key, sigmas in ((".mlp.", h.mlp_clip_sigmas), (".attn.", h.attn_clip_sigmas))
               if sigmas > 0}
     w, meta = quantize_state_dict(state, hessians, h.matrix_bits, h.matrix_clip_sigmas * clip_factor,
-                                  h.embed_bits, h.embed_clip_sigmas, group_clip_sigmas=groups)
+                                  h.embed_bits, h.embed_clip_sigmas, group_clip_sigmas=groups,
+                                  fine_groups=h.awq_lite_groups, fine_group_size=h.awq_lite_group_size,
+                                  fine_bits=h.awq_lite_bits)
     if h.lqer_top_k:
         lqer_correct(state, w, meta, h.lqer_top_k, h.lqer_rank, h.lqer_group)
     return w, meta

@@ -439,3 +439,47 @@ def test_lqer_recovers_a_low_rank_residual():
     tg.lqer_correct(state, w, meta, top_k=1, rank=4, group=64)
     after = (state["m"] - tg.dequantize_state_dict(w, meta)["m"]).norm()
     assert after < 0.75 * before, (after, before)  # 0.37 -> 0.25: four levels in A are coarse
+
+
+def test_awq_lite_picks_the_most_salient_column_group():
+    """Saliency of a column: its input's RMS (sqrt of the Hessian diagonal) times its mean |weight|."""
+    g = torch.Generator().manual_seed(0)
+    state = {"a": torch.randn(64, 256, generator=g), "b": torch.randn(64, 256, generator=g)}
+    hessians = {"a": torch.eye(256), "b": torch.eye(256)}
+    hessians["b"][128:192, 128:192] *= 9  # inputs 3x larger in b's third group
+    state["a"][:, 0:64] *= 2  # weights 2x larger in a's first group: less than 3x
+    assert tg.awq_lite_groups(state, hessians, ["a", "b"], 1, 64) == {"b": [128]}
+    assert tg.awq_lite_groups(state, hessians, ["a", "b"], 2, 64) == {"b": [128], "a": [0]}
+
+
+def test_awq_lite_quantizes_its_group_finer_in_the_same_solve():
+    state, hessians = small_state()
+    name = "blocks.0.mlp.fc.weight"
+    w0, meta0 = tg.quantize_state_dict(state, hessians, 6, 12.85, 8, 20.0)
+    w, meta = tg.quantize_state_dict(state, hessians, 6, 12.85, 8, 20.0, fine_groups=1, fine_group_size=64)
+    # the int8 embedding is not a candidate: only matrices below AWQ_LITE_BITS are
+    assert name + ".fine_scale" in w and "tok_emb.weight.fine_scale" not in w
+    (start, size), = w[name + ".fine_cols"].tolist()
+    assert size == 64 and start % 64 == 0
+    cols = torch.zeros(256, dtype=torch.bool)
+    cols[start:start + 64] = True
+    q = w[name + ".q"]
+    assert q[:, ~cols].abs().max() <= 31 < q[:, cols].abs().max() <= 127
+    out = tg.dequantize_state_dict(*tg.deserialize_quantized(tg.serialize_quantized(w, meta, "lzma")))
+    plain = tg.dequantize_state_dict(w0, meta0)
+    err = lambda d, c: (d[name].float() - state[name].float())[:, c].norm().item()  # noqa: E731
+    assert err(out, cols) < 0.3 * err(plain, cols)  # 127 levels instead of 31 on those columns
+    assert tg.stored_bytes_by_kind(w, meta)["AWQ-lite scales"] == 320 * 2 + 2 * 4
+
+
+def test_gptq_fine_columns_batched_match_one_by_one():
+    ws = torch.randn(2, 48, 80)
+    hs = torch.stack([correlated_hessian(80, seed=i) for i in range(2)])
+    mask = torch.zeros(2, 80, dtype=torch.bool)
+    mask[0, 16:32] = True
+    qb, sb, fb = tg.gptq_quantize(ws, hs, 12.85, 6, block_size=32, fine_cols=mask)
+    for i in range(2):
+        q, s, f = tg.gptq_quantize(ws[i], hs[i], 12.85, 6, block_size=32, fine_cols=mask[i])
+        assert torch.equal(s, sb[i]) and torch.equal(f, fb[i])
+        assert (q != qb[i]).float().mean() < 1e-3
+    assert qb[1].abs().max() <= 31 and qb[0, :, 16:32].abs().max() > 31
