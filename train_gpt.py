@@ -210,6 +210,7 @@ class Hyperparameters:
         self.awq_lite_groups = get("AWQ_LITE_GROUPS", 0, ">=0")
         self.awq_lite_group_size = get("AWQ_LITE_GROUP_SIZE", 64, ">=1")
         self.awq_lite_bits = get("AWQ_LITE_BITS", 8)
+        self.row_reorder = bool(get("ROW_REORDER", 0, "0/1"))  # similar rows side by side before compression
         # LQER: low-rank correction of the GPTQ residual of the LQER_TOP_K matrices it is largest in
         self.lqer_top_k = get("LQER_TOP_K", 0, ">=0")
         self.lqer_rank = get("LQER_RANK", 4, ">=1")
@@ -2399,6 +2400,38 @@ def lqer_correct(state: dict, w: dict, meta: dict, top_k: int, rank: int, group:
     return picked
 
 
+ROW_REORDER_NAMES = ("tok_emb.weight", ".attn.c_q.", ".mlp.fc.")  # the matrices PR #1855 reordered
+
+
+def reorder_rows(w: dict, names: list[str]) -> None:
+    """Store the rows of each named GPTQ'd matrix (and everything row-aligned with them: scales, LQER's
+    A) in a greedy nearest-neighbour chain, so that similar rows sit side by side for the compressor;
+    "<name>.row_order" keeps the order and dequantizing puts every row back. Exact: each row is
+    quantized on its own."""
+    # rows reordered for similarity before compression: PR #1855's idea (there with lrzip)
+    for name in names:
+        order = nearest_neighbour_chain(w[name + ".q"])
+        for suffix in (".q", ".scale", ".fine_scale", ".lqer_a"):
+            if name + suffix in w:
+                w[name + suffix] = w[name + suffix][order].clone()
+        w[name + ".row_order"] = order.to(torch.int16 if len(order) <= 2**15 else torch.int32)
+
+
+def nearest_neighbour_chain(q: Tensor) -> Tensor:
+    """A row order starting at row 0 whose next row is always the unused one nearest (L1) to the
+    current row; on the GPU when there is one (an 8192-row matrix is 8192 passes over it)."""
+    dev = torch.device("cuda") if torch.cuda.is_available() else q.device
+    rows = q.to(dev, torch.float32)
+    used = torch.zeros(len(rows), dtype=torch.bool, device=dev)
+    order = torch.empty(len(rows), dtype=torch.long, device=dev)
+    current = torch.zeros((), dtype=torch.long, device=dev)
+    for i in range(len(rows)):
+        order[i], used[current] = current, True
+        distance = (rows - rows[current]).abs().sum(dim=1).masked_fill_(used, float("inf"))
+        current = distance.argmin()
+    return order.cpu()
+
+
 def _gptq_dequantized(w: dict, name: str) -> Tensor:
     """q * scale (the fine scale in AWQ-lite's columns; + the LQER correction where there is one), fp32."""
     out = w[name + ".q"].float() * w[name + ".scale"].float()[:, None]
@@ -2412,6 +2445,8 @@ def _gptq_dequantized(w: dict, name: str) -> Tensor:
         a = w[name + ".lqer_a"].float() * w[name + ".lqer_a_scale"].float()
         b = (w[name + ".lqer_b"].float() * w[name + ".lqer_b_scale"].float()[:, None]).flatten()[:r * cols]
         out = out + a @ b.view(r, cols)
+    if name + ".row_order" in w:  # reorder_rows: row i of the stored matrix is row order[i]
+        out = torch.empty_like(out).index_copy_(0, w[name + ".row_order"].long(), out)
     return out
 
 
@@ -2595,6 +2630,7 @@ def stored_bytes_by_kind(w: dict, meta: dict) -> dict[str, int]:
                                                                     ".lqer_b_scale") if "lqer" in info]
         parts += [("AWQ-lite scales", w[name + suffix]) for suffix in (".fine_scale", ".fine_cols")
                   if name + suffix in w]
+        parts += [("row orders", w[name + ".row_order"])] if name + ".row_order" in w else []
         for kind, t in parts:
             kinds[kind] = kinds.get(kind, 0) + t.numel() * t.element_size()
     return kinds
@@ -2663,6 +2699,9 @@ def quantize_model(model: GPT, h: Hyperparameters, hessians: dict, clip_factor: 
                                   fine_bits=h.awq_lite_bits)
     if h.lqer_top_k:
         lqer_correct(state, w, meta, h.lqer_top_k, h.lqer_rank, h.lqer_group)
+    if h.row_reorder:
+        reorder_rows(w, [n for n, info in meta.items() if info["tag"].startswith("gptq")
+                         and any(k in n for k in ROW_REORDER_NAMES)])
     return w, meta
 
 

@@ -483,3 +483,29 @@ def test_gptq_fine_columns_batched_match_one_by_one():
         assert torch.equal(s, sb[i]) and torch.equal(f, fb[i])
         assert (q != qb[i]).float().mean() < 1e-3
     assert qb[1].abs().max() <= 31 and qb[0, :, 16:32].abs().max() > 31
+
+
+def test_row_reorder_is_exact_and_groups_similar_rows():
+    """ROW_REORDER: rows stored in a nearest-neighbour chain, put back exactly when dequantized; on a
+    matrix of noisy copies of a few prototype rows, shuffled, the chain brings copies together and the
+    stored bytes compress smaller."""
+    g = torch.Generator().manual_seed(0)
+    protos = torch.randint(-31, 32, (8, 128), generator=g)
+    rows = protos[torch.randint(0, 8, (512,), generator=g)] + torch.randint(-1, 2, (512, 128), generator=g)
+    w = {"m.q": rows.clamp(-31, 31).to(torch.int8), "m.scale": torch.rand(512, generator=g).half(),
+         # an LQER correction (rank 4, B in 8 groups of 64): its A is row-aligned and must move with the rows
+         "m.lqer_a": torch.randint(-2, 2, (512, 4), generator=g).to(torch.int8), "m.lqer_a_scale": torch.tensor(0.01).half(),
+         "m.lqer_b": torch.randint(-8, 8, (8, 64), generator=g).to(torch.int8), "m.lqer_b_scale": torch.full((8,), 0.01).half()}
+    meta = {"m": {"tag": "gptq (int6)", "dtype": "float32", "lqer": [4, 128]}}
+    before = tg.dequantize_state_dict(w, meta)["m"]
+    plain_blob = tg.serialize_quantized(w, meta, "lzma")
+    tg.reorder_rows(w, ["m"])
+    order = w["m.row_order"].long()
+    assert w["m.row_order"].dtype == torch.int16 and sorted(order.tolist()) == list(range(512)) and order[0] == 0
+    assert torch.equal(tg.dequantize_state_dict(w, meta)["m"], before)
+    blob = tg.serialize_quantized(w, meta, "lzma")
+    assert torch.equal(tg.dequantize_state_dict(*tg.deserialize_quantized(blob))["m"], before)
+    assert len(blob) < len(plain_blob)
+    assert tg.stored_bytes_by_kind(w, meta)["row orders"] == 512 * 2
+    h = tg.Hyperparameters(env={"ROW_REORDER": "1"})
+    assert h.row_reorder and any(k in "blocks.3.mlp.fc.weight" for k in tg.ROW_REORDER_NAMES)

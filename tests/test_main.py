@@ -254,10 +254,10 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
 def test_training_side_switches_run_end_to_end(tiny_dataset, tmp_path, monkeypatch):
     """SmearGate, the attention output gate, the asymmetric softcap, Polar Express, the Muon
     weight-decay taper and EMA_SELECT together: train, quantize (the new small tensors pass through the
-    artifact) with AWQ-lite and LQER, evaluate the artifact."""
+    artifact) with AWQ-lite, LQER and reordered rows, evaluate the artifact."""
     env = dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path), SMEAR_GATE="1", ATTN_OUT_GATE="1",
                LOGIT_SOFTCAP_NEG="12", MUON_POLAR_EXPRESS="1", MUON_WD_TAPER_AT="0.5", EMA_SELECT="2",
-               AWQ_LITE_GROUPS="1", LQER_TOP_K="2")
+               AWQ_LITE_GROUPS="1", LQER_TOP_K="2", ROW_REORDER="1")
     assert run_main(monkeypatch, env) == 0
     summary = read_json(os.path.join(tmp_path, "summary.json"))
     assert summary["ema_select"]["kept"] in ("live", "ema")
@@ -265,3 +265,4 @@ def test_training_side_switches_run_end_to_end(tiny_dataset, tmp_path, monkeypat
     w, meta = tg.deserialize_quantized(open(os.path.join(tmp_path, "final_model.int6.ptz"), "rb").read())
     assert {"smear_w", "smear_lambda", "attn_gate"} <= set(meta)
     assert sum("lqer" in m for m in meta.values()) == 2 and any(k.endswith(".fine_scale") for k in w)
+    assert any(k.endswith(".mlp.fc.weight.row_order") for k in w)
