@@ -195,6 +195,13 @@ class Hyperparameters:
         self.ttt_o_lora = bool(get("TTT_O_LORA", 1, "0/1"))
         self.ttt_optimizer = get("TTT_OPTIMIZER", "adam")
         self.ttt_cuda_graphs = bool(get("TTT_CUDA_GRAPHS", 1, "0/1"))  # replay each chunk-step shape as a CUDA graph
+        # phased TTT: after each of TTT_GLOBAL_PHASES equal parts of the first TTT_GLOBAL_PREFIX_DOCS scored
+        # documents, one SGD epoch of the base weights over every document scored so far
+        self.ttt_global_phases = get("TTT_GLOBAL_PHASES", 0, ">=0")
+        self.ttt_global_prefix_docs = get("TTT_GLOBAL_PREFIX_DOCS", 2500, ">=1")
+        self.ttt_global_lr = get("TTT_GLOBAL_LR", 0.001, ">=0")
+        self.ttt_global_momentum = get("TTT_GLOBAL_MOMENTUM", 0.9, "[0,1)")
+        self.ttt_global_batch_tokens = get("TTT_GLOBAL_BATCH_TOKENS", 32768, ">=1")  # per rank and SGD step
         self.val_doc_fraction = get("VAL_DOC_FRACTION", 1.0)
         # quantization and artifact
         self.compressor = get("COMPRESSOR", "brotli")
@@ -3254,31 +3261,121 @@ def ttt_batch_work(batch: list, h: Hyperparameters) -> int:
     return sum(active * window for _, active, window in ttt_schedule(batch, h))
 
 
+def ttt_global_phase_ends(batches: list, h: Hyperparameters) -> list[int]:
+    """Phased TTT: the batch counts after which a global phase runs. Phase p ends with the first batch
+    that brings the scored documents to TTT_GLOBAL_PREFIX_DOCS x (p + 1) / TTT_GLOBAL_PHASES."""
+    counts = np.cumsum([len(b) for b in batches])
+    ends = []
+    for p in range(h.ttt_global_phases):
+        need = min(h.ttt_global_prefix_docs, int(counts[-1])) * (p + 1) / h.ttt_global_phases
+        end = int(np.searchsorted(counts, need - 1e-9)) + 1
+        if end < len(batches) and end not in ends:  # a phase after the last batch would help nothing
+            ends.append(end)
+    return ends
+
+
+def ttt_global_adapt(model: GPT, tokens: Tensor, docs: list, h: Hyperparameters, device) -> dict:
+    """Phased TTT's global step: one epoch of SGD with momentum and a cosine-decaying rate on the base
+    weights over these documents, all of them already scored. Their tokens are cut into rows of
+    TTT_EVAL_SEQ_LEN (attention within each row and document); a step takes TTT_GLOBAL_BATCH_TOKENS of
+    rows, shared out over the ranks, and follows the gradient of the step's mean loss, clipped at 1:
+    the same update on any number of ranks."""
+    # phased / global TTT on already-scored documents: PR #1610, three phases in #1626
+    rank, world = _world()
+    L = h.ttt_eval_seq_len
+    stream = torch.cat([tokens[s:s + n] for s, n in docs]).cpu()
+    n = len(stream) - 1  # targets
+    rows = [(stream[i:min(i + L, n)], stream[i + 1:min(i + L, n) + 1]) for i in range(0, n, L)]
+    per_step = max(h.ttt_global_batch_tokens // L, 1)
+    steps = math.ceil(len(rows) / per_step)
+    params = list(model.parameters())
+    momentum = [torch.zeros_like(p) for p in params]
+    flags = [p.requires_grad for p in params]
+    total = 0.0
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        for step in range(steps):
+            step_rows = rows[step * per_step:(step + 1) * per_step]
+            mine, count = step_rows[rank::world], sum(len(y) for _, y in step_rows)
+            loss_sum = torch.zeros((), device=device)
+            if mine:
+                x, cu = _packed_row([x for x, _ in mine], sum(len(x) for x, _ in mine), L)
+                y = torch.cat([y for _, y in mine])
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss_sum = model(x.to(device), y.to(device), cu.to(device), L).sum()
+                (loss_sum / count).backward()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if world > 1:  # the step's mean loss is the sum of the ranks' parts
+                for g in grads:
+                    all_reduce_avg(g).wait()
+                    g.mul_(world)
+            torch.nn.utils.clip_grad_norm_(grads, 1.0)
+            lr = h.ttt_global_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            with torch.no_grad():
+                for p, g, m in zip(params, grads, momentum):
+                    m.mul_(h.ttt_global_momentum).add_(g)
+                    p.sub_(lr * m)
+                    p.grad = None
+            total += reduce_over_ranks(float(loss_sum.detach()), device=device)[0] / count
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return {"steps": steps, "tokens": len(stream), "mean_loss": total / max(steps, 1)}
+
+
+class TTTProgress:
+    """Running sums of a TTT evaluation and its progress lines (an ETA by work, this rank's share)."""
+
+    def __init__(self, batches: list, work: list, log, adapt: bool):
+        self.batches, self.work, self.log, self.tag = batches, work, log, "" if adapt else "_baseline"
+        self.sums, self.tokens, self.done, self.t0 = [0.0, 0.0, 0.0], 0, 0, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def inside(self, b: int):
+        """The runner's callback for a long batch: a line every 30 s."""
+        return lambda ci, chunks: self.log(f"ttt_progress rank:{_world()[0]} batch:{b + 1}/{len(self.batches)} "
+                                           f"chunk:{ci}/{chunks} elapsed:{self.elapsed():.1f}s")
+
+    def add(self, b: int, result: tuple[float, float, float]) -> None:
+        rank, world = _world()
+        self.sums = [a + r for a, r in zip(self.sums, result)]
+        self.tokens, self.done = self.tokens + int(result[2]), self.done + self.work[b]
+        elapsed = self.elapsed()
+        eta = elapsed / self.done * max(sum(self.work) / world - self.done, 0)
+        self.log(f"ttt_progress{self.tag} rank:{rank} batch:{b + 1}/{len(self.batches)} docs:{len(self.batches[b])} "
+                 f"longest:{self.batches[b][0][1]} bpb_so_far:{bits_per_byte(self.sums[0], self.sums[1]):.4f} "
+                 f"tok/s:{self.tokens / max(elapsed, 1e-9):.0f} elapsed:{elapsed:.1f}s eta:{eta:.0f}s")
+
+
 def eval_val_ttt(model_fn, model: GPT, val_tokens: Tensor, h: Hyperparameters, luts, device, log,
                  adapt: bool = True) -> tuple[float, float]:
-    """(val_loss, val_bpb) with per-document LoRA TTT over the (optionally sampled) documents."""
-    rank, world = _world()
+    """(val_loss, val_bpb) with per-document LoRA TTT over the (optionally sampled) documents; with
+    TTT_GLOBAL_PHASES the base weights also adapt between phases, and are restored at the end."""
     docs = select_documents(split_documents(val_tokens), h.val_doc_fraction, h.seed)
     batches = ttt_batches(docs, h.ttt_batch_size)
-    work = [ttt_batch_work(b, h) for b in batches]
     tokens = val_tokens.to(device)
     runner = TTTRunner(model, h, device, graphs=h.ttt_cuda_graphs)
-    queue = WorkQueue(f"ttt_queue_{h.run_id}")
-    sums, t0, done_tokens, done_work = [0.0, 0.0, 0.0], time.perf_counter(), 0, 0
+    progress = TTTProgress(batches, [ttt_batch_work(b, h) for b in batches], log, adapt)
+    ends = ttt_global_phase_ends(batches, h) if adapt else []
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if ends else None
     with frozen(model):
-        while (b := queue.claim()) < len(batches):
-            runner.progress = lambda ci, chunks: log(
-                f"ttt_progress rank:{rank} batch:{b + 1}/{len(batches)} chunk:{ci}/{chunks} "
-                f"elapsed:{time.perf_counter() - t0:.1f}s")
-            result = ttt_batch(model_fn, model, tokens, batches[b], h, luts, adapt, runner)
-            sums = [a + r for a, r in zip(sums, result)]
-            done_tokens, done_work = done_tokens + int(result[2]), done_work + work[b]
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / done_work * max(sum(work) / world - done_work, 0)  # this rank's share, by work
-            log(f"ttt_progress{'' if adapt else '_baseline'} rank:{rank} batch:{b + 1}/{len(batches)} docs:{len(batches[b])} "
-                f"longest:{batches[b][0][1]} bpb_so_far:{bits_per_byte(sums[0], sums[1]):.4f} "
-                f"tok/s:{done_tokens / max(elapsed, 1e-9):.0f} elapsed:{elapsed:.1f}s eta:{eta:.0f}s")
-    loss_sum, byte_sum, count = reduce_over_ranks(*sums, device=device)
+        for lo, hi in zip([0] + ends, ends + [len(batches)]):
+            queue = WorkQueue(f"ttt_queue_{h.run_id}")  # one per phase: every rank ends a phase before the next
+            while (b := lo + queue.claim()) < hi:
+                runner.progress = progress.inside(b)
+                progress.add(b, ttt_batch(model_fn, model, tokens, batches[b], h, luts, adapt, runner))
+            if hi < len(batches):  # every document of batches[:hi] is scored: the base weights may learn it
+                scored = [d for batch in batches[:hi] for d in batch]
+                stats = ttt_global_adapt(model, tokens, scored, h, device)
+                log(f"ttt_global_phase after batch {hi}/{len(batches)}: {len(scored)} scored documents, "
+                    f"{stats['tokens']} tokens, {stats['steps']} SGD steps, mean loss {stats['mean_loss']:.4f} "
+                    f"elapsed:{progress.elapsed():.1f}s")
+    if weights is not None:
+        model.load_state_dict(weights)
+    loss_sum, byte_sum, count = reduce_over_ranks(*progress.sums, device=device)
     return loss_sum / max(count, 1), bits_per_byte(loss_sum, byte_sum)
 
 

@@ -444,6 +444,23 @@ def test_two_ranks_share_the_batches_and_count_every_target(ttt_ranks):
     assert rank0[2][1:] == one[2][1:] == [stream_bytes(stream, luts), len(stream) - 1]
 
 
+def test_phased_ttt_on_two_ranks_equals_one_rank(setup):
+    """The global step shares its rows out over the ranks and sums their gradients: the same update,
+    and the same scores, as on one rank."""
+    h, model, luts, val = setup
+    h = hparams_like(h, ttt_batch_size=2, ttt_global_phases=1, ttt_global_prefix_docs=4, ttt_global_lr=0.05,
+                     ttt_global_batch_tokens=96)
+    stream = doc_stream(val, 300, skip=5)
+    batches = tg.ttt_batches(tg.split_documents(stream), 2)
+    assert 0 < tg.ttt_global_phase_ends(batches, h)[0] < len(batches) - 1  # scored after the phase: 2+ batches
+    with pytest.MonkeyPatch.context() as mp:
+        one = run_eval_ttt(model, stream, h, luts, SumsSpy(mp))
+    rank0, rank1 = run_two_ranks(_ttt_on_rank, h, model.state_dict(), stream, luts)
+    assert rank0[:3] == rank1[:3]
+    assert rank0[:2] == pytest.approx(one[:2], rel=1e-5)
+    assert any(line.startswith("ttt_global_phase") for line in rank0[3])
+
+
 def test_two_ranks_equal_one_rank(ttt_ranks):
     """The TTT section's promise: the result does not depend on the number of ranks (each batch's
     adapters start from the seeded init whichever rank claims it)."""
@@ -488,3 +505,93 @@ def test_adapters_can_be_switched_off_and_documents_stay_independent(setup):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     full, _ = run_ttt_batch(model, tokens, batch, hparams_like(h, ttt_q_lora=True, ttt_v_lora=True), luts)
     assert sums[1:] == full[1:] and sums[0] != full[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Phased TTT (TTT_GLOBAL_PHASES): the base weights learn the documents already scored
+# ---------------------------------------------------------------------------------------------
+
+
+def scrambled(tokens: torch.Tensor, docs: list) -> torch.Tensor:
+    """A copy with every token of these documents changed but their BOS and the next one."""
+    out = tokens.clone()
+    for start, n in docs:
+        out[start + 1:start + n - 1] = (out[start + 1:start + n - 1] + 7) % 400 + 2
+    return out
+
+
+def test_global_phase_ends_split_the_prefix_into_equal_parts():
+    batches = [[(0, 9)] * 2, [(0, 9)] * 2, [(0, 9)] * 2, [(0, 9)] * 2, [(0, 9)]]  # 2, 4, 6, 8, 9 documents
+
+    def ends(**env):
+        return tg.ttt_global_phase_ends(batches, tg.Hyperparameters(env={k.upper(): str(v) for k, v in env.items()}))
+
+    assert ends(ttt_global_phases=2, ttt_global_prefix_docs=6) == [2, 3]  # after 3 and 6 documents
+    assert ends(ttt_global_phases=1, ttt_global_prefix_docs=5) == [3]  # the batch that reaches 5
+    assert ends(ttt_global_phases=1, ttt_global_prefix_docs=100) == []  # after the last batch: nothing to gain
+    assert ends(ttt_global_phases=3, ttt_global_prefix_docs=4) == [1, 2]  # 1.33 and 2.67 -> batch 1; 4 -> batch 2
+    assert ends(ttt_global_phases=0) == []
+
+
+def test_phased_ttt_scores_each_phase_before_the_weights_learn_it(setup, monkeypatch):
+    """With one phase after the first batches: the global step runs once, on exactly the documents
+    already scored, before any later batch is scored; a later document cannot change an earlier
+    batch's score, an earlier one does change the later scores (through the global step); the base
+    weights are given back unchanged."""
+    h, model, luts, val = setup
+    stream = doc_stream(val, 5 * 64 + 1)
+    batches = tg.ttt_batches(tg.split_documents(stream), h.ttt_batch_size)
+    assert len(batches) >= 3
+    hp = hparams_like(h, ttt_global_phases=1, ttt_global_prefix_docs=len(batches[0]), ttt_global_lr=0.05,
+                      ttt_global_batch_tokens=64)
+    assert tg.ttt_global_phase_ends(batches, hp) == [1]
+    events = []
+    real_batch, real_adapt = tg.ttt_batch, tg.ttt_global_adapt
+
+    def batch_spy(model_fn, model_, tokens, batch, *args, **kwargs):
+        result = real_batch(model_fn, model_, tokens, batch, *args, **kwargs)
+        events.append(("score", tuple(batch), result))
+        return result
+
+    def adapt_spy(model_, tokens, docs, *args):
+        events.append(("global", tuple(docs), None))
+        return real_adapt(model_, tokens, docs, *args)
+
+    monkeypatch.setattr(tg, "ttt_batch", batch_spy)
+    monkeypatch.setattr(tg, "ttt_global_adapt", adapt_spy)
+
+    def run(tokens):
+        events.clear()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        tg.eval_val_ttt(model, model, tokens, hp, luts, CPU, lambda line: None)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        return list(events)
+
+    base = run(stream)
+    assert [e[0] for e in base] == ["score", "global"] + ["score"] * (len(batches) - 1)
+    assert base[1][1] == tuple(batches[0])  # the global step sees the scored documents only
+    after = run(scrambled(stream, batches[-1][:1]))
+    assert after[0][2] == base[0][2]  # the first batch's score ignores a later document
+    after = run(scrambled(stream, batches[0][:1]))
+    assert after[2][2] != base[2][2]  # ... while a scored document teaches the base weights
+
+
+def test_global_adapt_learns_its_documents_only(setup):
+    h, model, luts, val = setup
+    hp = hparams_like(h, ttt_global_lr=0.05, ttt_global_batch_tokens=64)
+    stream = doc_stream(val, 3 * 64 + 1)
+    docs = tg.split_documents(stream)
+    mine, others = docs[:2], docs[2:]
+    fresh = lambda: copy.deepcopy(model)  # noqa: E731
+    loss_of = lambda m: sum(float(m(stream[s:s + n - 1], stream[s + 1:s + n]).sum()) for s, n in mine)  # noqa: E731
+    a = fresh()
+    with torch.no_grad():
+        before = loss_of(a)
+    stats = tg.ttt_global_adapt(a, stream, mine, hp, CPU)
+    with torch.no_grad():
+        assert loss_of(a) < before
+    rows = math.ceil((stats["tokens"] - 1) / h.ttt_eval_seq_len)  # 32-token rows, two to a step
+    assert stats["tokens"] == sum(n for _, n in mine) and stats["steps"] == math.ceil(rows / 2)
+    b = fresh()
+    tg.ttt_global_adapt(b, scrambled(stream, others), mine, hp, CPU)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
