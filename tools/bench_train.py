@@ -736,10 +736,11 @@ def dynamo_compile_times(top: int = 12) -> dict[str, float]:
     """The largest entries of torch.compile's own timing table (seconds summed over all graphs so
     far): where compile + warmup went. Empty when this torch has no such table."""
     try:
-        table = torch._dynamo.utils.compile_times(repr="str", aggregate=True)
-    except Exception:  # a private API: absent or changed in some torch version
-        return {}
-    return parse_compile_times(table, top)
+        import torch._dynamo.utils as dynamo_utils
+        table = dynamo_utils.compile_times(repr="str", aggregate=True)
+    except Exception as e:  # a private API: absent or changed in some torch version; say which
+        return {f"unavailable: {type(e).__name__}: {e}"[:200]: 0.0}
+    return parse_compile_times(table, top) or {f"unparsed: {table[:200]!r}": 0.0}
 
 
 def parse_compile_times(table: str, top: int = 12) -> dict[str, float]:
