@@ -12,22 +12,14 @@ import os
 import statistics
 import sys
 
-import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
+if ROOT not in sys.path:  # run as a script; under pytest tests/conftest.py does this
     sys.path.append(ROOT)
+from tests.gpu.test_fused_mlp_gpu import _tg  # noqa: E402  (train_gpt with compiled Triton, or a skip)
 
 N, V, CAP = 98_304, 8192, 30.0
-
-
-def _tg():
-    import train_gpt as tg
-
-    if tg.triton is None or tg._TRITON_INTERPRETED:
-        pytest.skip("needs compiled Triton kernels (Triton installed, TRITON_INTERPRET unset)")
-    return tg
 
 
 def _inputs():
