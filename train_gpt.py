@@ -1550,8 +1550,12 @@ class GPT(nn.Module):
                  "mlp": lambda: lanes[1]}[self.parallel_final_lane]()
         return rms_norm(x)
 
+    def head(self, hidden: Tensor) -> Tensor:
+        """Raw logits of the tied head, in hidden's dtype."""
+        return F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
+
     def logits(self, hidden: Tensor, lora=None) -> Tensor:
-        logits = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
+        logits = self.head(hidden)
         if lora is not None:
             logits = logits + lora.delta("head", 0, hidden)
         return softcap(logits.float(), self.logit_softcap, self.logit_softcap_neg)
@@ -1569,8 +1573,7 @@ class GPT(nn.Module):
             hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
             targets = targets.gather(1, positions)
         if self.fused_ce_enabled and lora is None and hidden.is_cuda and triton is not None:
-            raw = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
-            loss = softcapped_cross_entropy(raw.flatten(0, 1), targets.flatten(), self.logit_softcap,
+            loss = softcapped_cross_entropy(self.head(hidden).flatten(0, 1), targets.flatten(), self.logit_softcap,
                                             self.logit_softcap_neg)
         else:
             loss = F.cross_entropy(self.logits(hidden, lora).flatten(0, 1), targets.flatten(), reduction="none")
@@ -1733,22 +1736,8 @@ class Optimizers:
 
     @torch.no_grad()
     def sync_replicated_grads(self) -> list:
-        """Average the gradients of the replicated (non-bank) tensors: one async all-reduce per
-        large tensor, and all small ones packed per dtype into one flat buffer."""
-        works = []
-        small: dict[tuple, list[Tensor]] = {}
-        for p in self.replicated:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if p.numel() > SMALL_TENSOR_NUMEL:
-                works.append(all_reduce_avg(p.grad))
-            else:
-                small.setdefault((p.device, p.dtype), []).append(p)
-        for params in small.values():
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            work = all_reduce_avg(flat)
-            works.append(_Finished(work, lambda flat=flat, params=params: unpack_into_grads(flat, params)))
-        return works
+        """Average the gradients of the replicated (non-bank) tensors over ranks (average_grads)."""
+        return average_grads(self.replicated)
 
     def step(self):
         """Start every collective, wait for the replicated gradients, step AdamW, then Muon
@@ -1769,6 +1758,26 @@ class Optimizers:
     def load_state_dict(self, states: list):
         for opt, state in zip(self.all, states):
             opt.load_state_dict(state)
+
+
+def average_grads(params: list[Tensor]) -> list:
+    """Start averaging these tensors' gradients over ranks (a missing one counts as zeros): one
+    async all-reduce per large tensor, and all small ones packed per dtype into one flat buffer.
+    Returns the works to wait for."""
+    works = []
+    small: dict[tuple, list[Tensor]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if p.numel() > SMALL_TENSOR_NUMEL:
+            works.append(all_reduce_avg(p.grad))
+        else:
+            small.setdefault((p.device, p.dtype), []).append(p)
+    for group in small.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        work = all_reduce_avg(flat)
+        works.append(_Finished(work, lambda flat=flat, group=group: unpack_into_grads(flat, group)))
+    return works
 
 
 def unpack_into_grads(flat: Tensor, params: list[Tensor]) -> None:
@@ -1877,10 +1886,9 @@ def train_seq_len_at(frac: float, h: Hyperparameters) -> int:
 
 
 def warmup_cu_seqlens(n: int, segment: int, device) -> Tensor:
-    """cu_seqlens of a row of n tokens cut every `segment` tokens, padded like build_cu_seqlens."""
-    cu = np.concatenate([np.arange(0, n, max(segment, 1)), [n]])
-    cu = np.concatenate([cu, np.full(-len(cu) % CU_SEQLENS_BUCKET, n)])
-    return torch.from_numpy(cu.astype(np.int32)).to(device)
+    """cu_seqlens of a row of n tokens cut every `segment` tokens: build_cu_seqlens of a row with no BOS."""
+    cu, _ = build_cu_seqlens(np.full(n, BOS_ID + 1), max(segment, 1))
+    return torch.from_numpy(cu).to(device)
 
 
 def seq_change_ramp(steps_since: int, changed: bool, h: Hyperparameters) -> float:
@@ -2242,11 +2250,10 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, clip_sigmas: float, bits: int
     # smallest subnormal (2^-24), not 1e-10, which would round to 0 in fp16.
     scale = (clip_sigmas * W.std(dim=-1) / r).clamp_min(2.0**-24).half()
     s = scale.float()  # [batch, rows]
-    fine = torch.zeros(batch, cols, dtype=torch.bool, device=dev)
-    if fine_cols is not None:
-        fine |= fine_cols.to(dev).expand(batch, cols)
-    r_fine = 2 ** (fine_bits - 1) - 1
-    fine_scale = (clip_sigmas * W.std(dim=-1) / r_fine).clamp_min(2.0**-24).half()
+    if fine_cols is not None:  # AWQ-lite: its columns' own levels and per-row scale
+        fine = fine_cols.to(dev).expand(batch, cols)
+        r_fine = 2 ** (fine_bits - 1) - 1
+        fine_scale = (clip_sigmas * W.std(dim=-1) / r_fine).clamp_min(2.0**-24).half()
 
     # Dead inputs (never nonzero in calibration) carry no information: pin their Hessian
     # diagonal to 1 and drop the weight; then damp by 1% of the mean diagonal for stability.
@@ -2260,9 +2267,10 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, clip_sigmas: float, bits: int
     # largest Hessian diagonal first, while many columns are still left to absorb their errors.
     perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # stable: ties order alike everywhere
     W = W.gather(-1, perm[:, None, :].expand(-1, rows, -1))
-    fine = fine.gather(-1, perm)
-    levels = torch.where(fine, r_fine, r).float()  # [batch, cols], in act order
-    s_fine = fine_scale.float()
+    if fine_cols is not None:
+        fine = fine.gather(-1, perm)
+        levels = torch.where(fine, r_fine, r).float()  # [batch, cols], in act order
+        s_fine = fine_scale.float()
     H = H.gather(-1, perm[:, None, :].expand(-1, cols, -1)).gather(-2, perm[:, :, None].expand(-1, -1, cols))
 
     # The rows of the upper Cholesky factor of H^-1 are exactly the error-propagation weights
@@ -2296,9 +2304,9 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, clip_sigmas: float, bits: int
     # undo the act-order permutation: column j of Q belongs at column perm[j]
     q = torch.empty_like(Q).scatter_(-1, perm[:, None, :].expand(-1, rows, -1), Q).to(torch.int8)
     if single:
-        q, scale, fine_scale = q[0], scale[0], fine_scale[0]
+        q, scale = q[0], scale[0]
     if fine_cols is not None:
-        return q.to(home), scale.to(home), fine_scale.to(home)
+        return q.to(home), scale.to(home), (fine_scale[0] if single else fine_scale).to(home)
     return q.to(home), scale.to(home)
 
 
@@ -2627,17 +2635,20 @@ class ArtifactTooLarge(Exception):
     """Model + code exceed ARTIFACT_LIMIT_BYTES; the message has the breakdown and overshoot."""
 
 
+GPTQ_EXTRAS = {  # what else a GPTQ'd matrix may store, by the kind the size report counts it under
+    ".lqer_a": "LQER factors", ".lqer_a_scale": "LQER factors", ".lqer_b": "LQER factors",
+    ".lqer_b_scale": "LQER factors", ".fine_scale": "AWQ-lite scales", ".fine_cols": "AWQ-lite scales",
+    ".row_order": "row orders",
+}
+
+
 def stored_bytes_by_kind(w: dict, meta: dict) -> dict[str, int]:
     """Uncompressed bytes per kind of stored tensor, to show where the artifact goes."""
     kinds = {}
     for name, info in meta.items():
         parts = [(info["tag"], w[name + ".q"]), ("scales (float16)", w[name + ".scale"])] \
             if info["tag"].startswith("gptq") else [(info["tag"], w[name])]
-        parts += [("LQER factors", w[name + suffix]) for suffix in (".lqer_a", ".lqer_a_scale", ".lqer_b",
-                                                                    ".lqer_b_scale") if "lqer" in info]
-        parts += [("AWQ-lite scales", w[name + suffix]) for suffix in (".fine_scale", ".fine_cols")
-                  if name + suffix in w]
-        parts += [("row orders", w[name + ".row_order"])] if name + ".row_order" in w else []
+        parts += [(kind, w[name + suffix]) for suffix, kind in GPTQ_EXTRAS.items() if name + suffix in w]
         for kind, t in parts:
             kinds[kind] = kinds.get(kind, 0) + t.numel() * t.element_size()
     return kinds
@@ -3291,7 +3302,7 @@ def ttt_global_adapt(model: GPT, tokens: Tensor, docs: list, h: Hyperparameters,
     params = list(model.parameters())
     momentum = [torch.zeros_like(p) for p in params]
     flags = [p.requires_grad for p in params]
-    total = 0.0
+    total = torch.zeros((), device=device)
     for p in params:
         p.requires_grad_(True)
     try:
@@ -3305,11 +3316,15 @@ def ttt_global_adapt(model: GPT, tokens: Tensor, docs: list, h: Hyperparameters,
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     loss_sum = model(x.to(device), y.to(device), cu.to(device), L).sum()
                 (loss_sum / count).backward()
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            for p in params:  # a weight this step's loss does not reach still takes its momentum step
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             if world > 1:  # the step's mean loss is the sum of the ranks' parts
-                for g in grads:
-                    all_reduce_avg(g).wait()
-                    g.mul_(world)
+                for work in average_grads(params):
+                    work.wait()
+                for p in params:
+                    p.grad.mul_(world)
+            grads = [p.grad for p in params]
             torch.nn.utils.clip_grad_norm_(grads, 1.0)
             lr = h.ttt_global_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             with torch.no_grad():
@@ -3317,11 +3332,12 @@ def ttt_global_adapt(model: GPT, tokens: Tensor, docs: list, h: Hyperparameters,
                     m.mul_(h.ttt_global_momentum).add_(g)
                     p.sub_(lr * m)
                     p.grad = None
-            total += reduce_over_ranks(float(loss_sum.detach()), device=device)[0] / count
+            total += loss_sum.detach() / count
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-    return {"steps": steps, "tokens": len(stream), "mean_loss": total / max(steps, 1)}
+    mean_loss = reduce_over_ranks(float(total), device=device)[0] / max(steps, 1)  # one sync, at the end
+    return {"steps": steps, "tokens": len(stream), "mean_loss": mean_loss}
 
 
 class TTTProgress:
