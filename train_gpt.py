@@ -133,16 +133,16 @@ class Hyperparameters:
         self.num_heads = get("NUM_HEADS", 8, ">=1")
         self.mlp_mult = get("MLP_MULT", 4.0, ">0")
         self.skip_gates_enabled = bool(get("SKIP_GATES_ENABLED", 1, "0/1"))
-        self.smear_gate = bool(get("SMEAR_GATE", 0, "0/1"))  # each token adds a gated share of the previous one
+        self.smear_gate = bool(get("SMEAR_GATE", 1, "0/1"))  # each token adds a gated share of the previous one
         self.attn_out_gate = bool(get("ATTN_OUT_GATE", 0, "0/1"))  # input-dependent gate on each head's output
-        self.sparse_attn_gate = bool(get("SPARSE_ATTN_GATE", 0, "0/1"))  # the same gate from 12 input channels
+        self.sparse_attn_gate = bool(get("SPARSE_ATTN_GATE", 1, "0/1"))  # the same gate from 12 input channels
         self.sparse_attn_gate_scale = get("SPARSE_ATTN_GATE_SCALE", 0.5)
         self.logit_softcap = get("LOGIT_SOFTCAP", 30.0, ">0")
         self.logit_softcap_neg = get("LOGIT_SOFTCAP_NEG", 0.0, ">=0")  # cap of negative logits; 0: LOGIT_SOFTCAP
         self.rope_base = get("ROPE_BASE", 10000.0, ">0")
         self.rope_dims = get("ROPE_DIMS", 16, ">=0")
         self.ln_scale = bool(get("LN_SCALE", 1, "0/1"))
-        self.qk_gain_init = get("QK_GAIN_INIT", 5.0)
+        self.qk_gain_init = get("QK_GAIN_INIT", 5.25)
         self.num_loops = get("NUM_LOOPS", 2, ">=0")
         self.loop_start = get("LOOP_START", 3)
         self.loop_end = get("LOOP_END", 5)
@@ -154,14 +154,14 @@ class Hyperparameters:
         self.fused_mlp = bool(get("FUSED_MLP", 1, "0/1"))
         self.fused_ce = bool(get("FUSED_CE", 1, "0/1"))  # fused softcapped cross-entropy kernel (CUDA)
         # optimizers
-        self.min_lr = get("MIN_LR", 0.0, "0..1")
+        self.min_lr = get("MIN_LR", 0.1, "0..1")
         self.tied_embed_lr = get("TIED_EMBED_LR", 0.03, ">=0")
-        self.matrix_lr = get("MATRIX_LR", 0.022, ">=0")
+        self.matrix_lr = get("MATRIX_LR", 0.028, ">=0")
         self.scalar_lr = get("SCALAR_LR", 0.02, ">=0")
         self.muon_momentum = get("MUON_MOMENTUM", 0.97, "[0,1)")
         self.muon_backend_steps = get("MUON_BACKEND_STEPS", 5, ">=0")
-        self.muon_polar_express = bool(get("MUON_POLAR_EXPRESS", 0, "0/1"))  # per-step Newton-Schulz coefficients
-        self.muon_wd_taper_at = get("MUON_WD_TAPER_AT", 0.0, "0..1")  # from this budget fraction (0: never)...
+        self.muon_polar_express = bool(get("MUON_POLAR_EXPRESS", 1, "0/1"))  # per-step Newton-Schulz coefficients
+        self.muon_wd_taper_at = get("MUON_WD_TAPER_AT", 0.7, "0..1")  # from this budget fraction (0: never)...
         self.muon_wd_taper = get("MUON_WD_TAPER", 0.5, ">=0")  # ...Muon weight decay is MUON_WD x this
         self.muon_wd_mlp_factor = get("MUON_WD_MLP_FACTOR", 1.0, ">=0")  # the MLP banks' decay, x MUON_WD
         self.muon_momentum_warmup_start = get("MUON_MOMENTUM_WARMUP_START", 0.92, "[0,1)")
@@ -175,7 +175,7 @@ class Hyperparameters:
         self.muon_wd = get("MUON_WD", 0.095, ">=0")
         self.embed_wd = get("EMBED_WD", 0.085, ">=0")
         self.ema_decay = get("EMA_DECAY", 0.9965, "[0,1)")
-        self.ema_select = get("EMA_SELECT", 0, ">=0")  # >0: keep EMA or live weights, whichever has the lower
+        self.ema_select = get("EMA_SELECT", 4, ">=0")  # >0: keep EMA or live weights, whichever has the lower
         # loss on this many unseen training micro-batches (never validation data)
         # test-time training
         self.ttt_enabled = bool(get("TTT_ENABLED", 1, "0/1"))
@@ -326,7 +326,8 @@ class Hyperparameters:
             raise ConfigError(f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} must be at least "
                               f"TTT_CHUNK_SIZE={self.ttt_chunk_size}")
         if self.attn_out_gate and self.sparse_attn_gate:
-            raise ConfigError("ATTN_OUT_GATE=1 and SPARSE_ATTN_GATE=1 are two forms of one gate: set one of them")
+            raise ConfigError("ATTN_OUT_GATE=1 and SPARSE_ATTN_GATE=1 are two forms of one gate: with ATTN_OUT_GATE=1 "
+                              "set SPARSE_ATTN_GATE=0 (the sparse gate is on by default)")
         if self.vocab_size > 2**16:
             raise ConfigError(f"VOCAB_SIZE={self.vocab_size} must be at most 65536: shards store uint16 token ids")
         for name, bits in (("MATRIX_BITS", self.matrix_bits), ("EMBED_BITS", self.embed_bits),
@@ -2609,13 +2610,18 @@ def _without_annotations(source: str) -> str:
     return ast.unparse(tree)
 
 
-@functools.lru_cache(maxsize=2)  # plan_artifact and write_artifact both need it; minifying takes seconds
-def minified_code_stub(source: str) -> str:
-    """The self-extracting stub for `source`; its UTF-8 length is the counted code size."""
+def _python_minifier():
     try:
         import python_minifier
     except ImportError:
         raise ConfigError("code-size accounting needs python_minifier: pip install python-minifier") from None
+    return python_minifier
+
+
+@functools.lru_cache(maxsize=2)  # plan_artifact and write_artifact both need it; minifying takes seconds
+def minified_code_stub(source: str) -> str:
+    """The self-extracting stub for `source`; its UTF-8 length is the counted code size."""
+    python_minifier = _python_minifier()
     # The record's pyminify flags, except that function annotations stay for the minifier: Triton
     # reads `BLOCK: tl.constexpr` from them and torch.library.custom_op its schema, so the stub
     # would fail without them. Every other function annotation is dropped beforehand.
@@ -3491,6 +3497,9 @@ def check_inputs(ctx: RunContext) -> None:
     check_data(h, need_train=not h.eval_only_path.endswith(".ptz"))
     ctx.eval_only_state = read_eval_only_path(h.eval_only_path) if h.eval_only_path else None
     ctx.plan = plan_artifact(h, ctx.source, ctx.log)
+    if ctx.plan.mode == "quantize":  # the artifact's packages, checked now rather than after training
+        _codec(h.compressor)
+        _python_minifier()
     if os.path.exists(h.artifact_dir) and not os.path.isdir(h.artifact_dir):
         raise ConfigError(f"ARTIFACT_DIR={h.artifact_dir} is a file, not a folder")
     writes = (["final_model.pt"] if not h.eval_only_path else []) + (
@@ -3688,7 +3697,9 @@ def run(h: Hyperparameters) -> dict:
     ctx.model.looping = h.num_loops > 0  # the model is evaluated and quantized as it ends training
     plan = ctx.plan
     if plan.mode != "artifact_only":
-        ctx.summary["prequant"] = ctx.evaluate("prequant (EMA weights)")
+        kept = ctx.summary.get("ema_select", {}).get("kept", "ema")
+        weights = "saved" if h.eval_only_path else {"ema": "EMA", "live": "live"}[kept]
+        ctx.summary["prequant"] = ctx.evaluate(f"prequant ({weights} weights)")
     if plan.mode == "quantize":
         build_artifact(ctx, plan.ptz_path)
     evaluate_artifact(ctx, plan)

@@ -4,6 +4,7 @@ the one-line errors for bad input."""
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -149,6 +150,18 @@ def test_corrupt_shard(tiny_dataset, tmp_path, monkeypatch, capsys):
     assert str(val) in err and "truncated" in err
 
 
+@pytest.mark.parametrize("module, fix", [("python_minifier", "pip install python-minifier"),
+                                         ("brotli", "pip install brotli")])
+def test_a_missing_artifact_package_stops_the_run_before_training(tiny_dataset, tmp_path, monkeypatch, capsys,
+                                                                   module, fix):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import <module>` raise ImportError
+    code = run_main(monkeypatch, dict(TINY_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path / "run"),
+                                      COMPRESSOR="brotli"))
+    assert code == 2
+    assert fix in one_line_error(capsys)
+    assert not os.path.exists(tmp_path / "run")  # nothing trained, nothing written
+
+
 @pytest.mark.parametrize("env, variable", [({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"),
                                            ({"WORLD_SIZE": "3", "RANK": "0"}, "WORLD_SIZE"),
                                            ({"NUM_LAYERS": "eleven"}, "NUM_LAYERS")])
@@ -252,10 +265,12 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
 
 
 def test_training_side_switches_run_end_to_end(tiny_dataset, tmp_path, monkeypatch):
-    """SmearGate, the attention output gate, the asymmetric softcap, Polar Express, the Muon
-    weight-decay taper and EMA_SELECT together: train, quantize (the new small tensors pass through the
+    """The switches that are off by default (the dense attention output gate in place of the sparse
+    one, the asymmetric softcap) with those that are on (SmearGate, Polar Express, the Muon
+    weight-decay taper, EMA_SELECT): train, quantize (the new small tensors pass through the
     artifact) with AWQ-lite, LQER and reordered rows, evaluate the artifact."""
     env = dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path), SMEAR_GATE="1", ATTN_OUT_GATE="1",
+               SPARSE_ATTN_GATE="0",
                LOGIT_SOFTCAP_NEG="12", MUON_POLAR_EXPRESS="1", MUON_WD_TAPER_AT="0.5", EMA_SELECT="2",
                AWQ_LITE_GROUPS="1", LQER_TOP_K="2", ROW_REORDER="1")
     assert run_main(monkeypatch, env) == 0

@@ -72,7 +72,8 @@ def packed_row(doc_lens, vocab=VOCAB, seed=0, cut_first=True):
 
 
 # ---------------------------------------------------------------------------------------------
-# Shapes, parameter count and layer order at the record's defaults
+# Shapes, parameter count and layer order at the defaults (the record's, plus SmearGate and the
+# sparse attention gate)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -84,13 +85,14 @@ def default_model():
 
 def test_default_parameter_count_and_shapes(default_model):
     m = default_model
-    assert sum(p.numel() for p in m.parameters()) == 35_944_602
+    assert sum(p.numel() for p in m.parameters()) == 35_944_602 + 11 * 8 * 12 + 12 + 1  # + the two gates
     shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
     assert shapes == {
         "tok_emb.weight": (8192, 512), "qo_bank": (22, 512, 512), "kv_bank": (22, 256, 512),
         "mlp_up_bank": (11, 2048, 512), "mlp_down_bank": (11, 512, 2048), "q_gain": (11, 8),
         "attn_scale": (11, 512), "mlp_scale": (11, 512), "resid_mix": (11, 2, 512), "skip_weights": (8, 512),
-        "skip_gates": (8, 512), "parallel_post_lambdas": (11, 2, 2), "parallel_resid_lambdas": (11, 2)}
+        "skip_gates": (8, 512), "parallel_post_lambdas": (11, 2, 2), "parallel_resid_lambdas": (11, 2),
+        "attn_gate": (11, 8, 12), "smear_w": (12,), "smear_lambda": (1,)}
     # tok_emb stays bf16, banks and control tensors are fp32
     assert {n for n, p in m.named_parameters() if p.dtype == torch.bfloat16} == {"tok_emb.weight"}
     assert all(p.dtype == torch.float32 for n, p in m.named_parameters() if n != "tok_emb.weight")
@@ -116,7 +118,7 @@ def test_init_values_follow_the_spec():
             w = bank[i].detach().double()
             gram = w @ w.T if w.size(0) <= w.size(1) else w.T @ w
             torch.testing.assert_close(gram, torch.eye(gram.size(0), dtype=torch.float64), atol=1e-5, rtol=0)
-    assert torch.equal(m.q_gain, torch.full_like(m.q_gain, 5.0))
+    assert torch.equal(m.q_gain, torch.full_like(m.q_gain, 5.25))
     assert torch.equal(m.resid_mix[:, 0], torch.ones(L, 64)) and not m.resid_mix[:, 1].any()
     assert torch.equal(m.skip_weights, torch.ones_like(m.skip_weights)) and not m.skip_gates.any()
     assert torch.equal(m.parallel_post_lambdas, torch.ones(L, 2, 2))
@@ -402,7 +404,7 @@ def test_fa4_custom_op_forward_backward_and_registration(monkeypatch):
 
 
 def test_smear_gate_starts_as_the_identity_and_mixes_in_the_previous_token():
-    plain, smear = tiny_model(seed=4), tiny_model(seed=4, SMEAR_GATE=1)
+    plain, smear = tiny_model(seed=4, SMEAR_GATE=0), tiny_model(seed=4, SMEAR_GATE=1)
     assert not hasattr(plain, "smear_w") and "smear_w" not in plain.state_dict()  # off: no new tensors
     missing = smear.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert sorted(missing) == ["smear_lambda", "smear_w"]
@@ -423,7 +425,8 @@ def test_smear_gate_starts_as_the_identity_and_mixes_in_the_previous_token():
 def test_attention_output_gate_starts_open_and_scales_each_head():
     """ATTN_OUT_GATE=1: head h's output times 2 sigmoid(w_h . x), x the block's normed input; zero
     weights give exactly the model without it."""
-    plain, gated = tiny_model(seed=5), tiny_model(seed=5, ATTN_OUT_GATE=1)
+    plain = tiny_model(seed=5, SPARSE_ATTN_GATE=0)
+    gated = tiny_model(seed=5, ATTN_OUT_GATE=1, SPARSE_ATTN_GATE=0)
     gated.load_state_dict(plain.state_dict(), strict=False)
     ids = torch.randint(2, VOCAB, (2, 12))
     with torch.no_grad():

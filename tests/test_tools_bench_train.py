@@ -88,7 +88,7 @@ def test_default_model_dims_and_matmul_params(default_model):
     m = default_model
     dims = bt.model_dims(m)
     assert dims == {"d_model": 512, "q_dim": 512, "kv_dim": 256, "hidden": 2048, "vocab": 8192,
-                    "virtual_layers": {False: 11, True: 17}}
+                    "virtual_layers": {False: 11, True: 17}, "gate": 8 * 12}  # the sparse attention gate
     per_layer = 512 * 512 * 2 + 256 * 512 * 2 + 2048 * 512 * 2  # Q, O, K, V, up, down
     assert per_layer == 2_883_584
     off = bt.matmul_params_per_token(11, 512, 512, 256, 2048, 8192)
@@ -102,6 +102,7 @@ def test_default_model_dims_and_matmul_params(default_model):
     assert 35.9e6 <= total < 36.0e6 and total - banks < 40_000  # 35.9M, the rest small control tensors
     f_off = bt.model_flops_per_token(dims, False, [])
     f_on = bt.model_flops_per_token(dims, True, [])
+    off, on = off + 11 * 96, on + 17 * 96  # each applied layer's attention gate: 8 heads x 12 inputs
     assert f_off["matmul_flops"] == 6 * off and f_off["attention_flops"] == 0 and f_off["total"] == 6 * off
     assert f_on["virtual_layers"] == 17 and f_on["matmul_params"] == on
 

@@ -14,8 +14,8 @@ from tests.evalkit import one_thread  # noqa: F401  (autouse: one CPU thread for
 
 
 def test_lr_multiplier_schedule():
-    h = tg.Hyperparameters(env={})
-    assert h.warmdown_frac == 0.72 and h.min_lr == 0.0
+    h = tg.Hyperparameters(env={"MIN_LR": "0"})  # without the floor (the default 0.1: PR #1787)
+    assert h.warmdown_frac == 0.72 and tg.Hyperparameters(env={}).min_lr == 0.1
     for frac in (0.0, 0.1, 0.279):
         assert tg.lr_multiplier(frac, h) == 1.0
     for frac in (0.28, 0.4, 0.64, 0.9, 1.0):

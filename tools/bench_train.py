@@ -139,15 +139,18 @@ def model_dims(model) -> dict:
         "vocab": int(model.tok_emb.weight.shape[0]),
         "virtual_layers": {looping: sum(len(half) for half in model.layer_order(looping=looping))
                            for looping in (False, True)},
+        # the per-head attention output gate (ATTN_OUT_GATE / SPARSE_ATTN_GATE): heads x its inputs
+        "gate": int(model.attn_gate[0].numel()) if hasattr(model, "attn_gate") else 0,
     }
 
 
 def matmul_params_per_token(virtual_layers: int, d_model: int, q_dim: int, kv_dim: int, hidden: int,
-                            vocab: int) -> int:
+                            vocab: int, gate: int = 0) -> int:
     """Weights that every token is multiplied by: per applied layer Q (q_dim x d), K and V
-    (kv_dim x d each), O (d x q_dim), MLP up (hidden x d) and down (d x hidden); then the tied
-    head (vocab x d). A looped layer is applied (and counted) once per pass."""
-    per_layer = 2 * q_dim * d_model + 2 * kv_dim * d_model + 2 * hidden * d_model
+    (kv_dim x d each), O (d x q_dim), MLP up (hidden x d) and down (d x hidden) and the attention
+    output gate (`gate` weights, 0 without one); then the tied head (vocab x d). A looped layer is
+    applied (and counted) once per pass."""
+    per_layer = 2 * q_dim * d_model + 2 * kv_dim * d_model + 2 * hidden * d_model + gate
     return virtual_layers * per_layer + vocab * d_model
 
 
@@ -206,7 +209,7 @@ def model_flops_per_token(dims: dict, looping: bool, cu_list) -> dict:
     the optimizer (Newton-Schulz is optimizer work, not model work)."""
     layers = dims["virtual_layers"][looping]
     params = matmul_params_per_token(layers, dims["d_model"], dims["q_dim"], dims["kv_dim"], dims["hidden"],
-                                     dims["vocab"])
+                                     dims["vocab"], dims.get("gate", 0))
     attention = attention_flops_per_token(cu_list, layers, dims["q_dim"])
     return {"virtual_layers": layers, "matmul_params": params, "matmul_flops": 6.0 * params,
             "attention_flops": attention, "total": 6.0 * params + attention}
