@@ -1077,9 +1077,11 @@ if triton is not None:
 
 
 def softcap_ce(logits: Tensor, targets: Tensor, cap_pos: float, cap_neg: float, lse: Tensor | None = None,
-               grad_loss: Tensor | None = None):
+               grad_loss: Tensor | None = None, out: Tensor | None = None):
     """Launch the kernel. Forward (lse None): returns (loss, lse), fp32 [N], for logits [N, V] and
-    targets [N] of ids in [0, V). Backward (lse and grad_loss [N] given): returns d(loss)/d(logits)."""
+    targets [N] of ids in [0, V). Backward (lse and grad_loss [N] given): returns d(loss)/d(logits),
+    written into `out` if given (it may be `logits` itself: each program reads its whole row before
+    it writes)."""
     if triton is None or not (logits.is_cuda or _TRITON_INTERPRETED):
         raise RuntimeError("the fused cross-entropy kernel needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     logits, targets = logits.contiguous(), targets.contiguous()
@@ -1088,7 +1090,7 @@ def softcap_ce(logits: Tensor, targets: Tensor, cap_pos: float, cap_neg: float, 
         lse, out = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(2))
         grad_loss = out  # unread
     else:
-        out, grad_loss = torch.empty_like(logits), grad_loss.float().contiguous()
+        out, grad_loss = torch.empty_like(logits) if out is None else out, grad_loss.float().contiguous()
     block = triton.next_power_of_2(V)
     _softcap_ce_kernel[(N,)](logits, targets, lse, grad_loss, out, V, float(cap_pos), float(cap_neg),
                              FORWARD=forward, BLOCK_V=block, num_warps=min(16, max(1, block // 512)))
@@ -1119,25 +1121,47 @@ def _(grad_loss, logits, targets, lse, cap_pos, cap_neg):
     return torch.empty_like(logits)
 
 
+# The same backward written over the saved logits: at the training shape they are a 1.5 GiB
+# [tokens, 8192] tensor that is dead once its gradient exists, and a second one raised peak memory
+# by a gigabyte. Inductor keeps the mutation in place (it runs the op on the saved buffer).
+@torch.library.custom_op("pgolf::softcap_ce_bwd_", mutates_args=("logits",),
+                         schema="(Tensor grad_loss, Tensor(a!) logits, Tensor targets, Tensor lse, float cap_pos, "
+                                "float cap_neg) -> ()")
+def _softcap_ce_bwd_inplace(grad_loss, logits, targets, lse, cap_pos, cap_neg):
+    softcap_ce(logits, targets, cap_pos, cap_neg, lse=lse, grad_loss=grad_loss, out=logits)
+
+
+@_softcap_ce_bwd_inplace.register_fake
+def _(grad_loss, logits, targets, lse, cap_pos, cap_neg):
+    return None
+
+
 class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of softcapped logits, fp32 [N], from raw logits [N, V] (any float dtype)."""
+    """Per-token cross-entropy of softcapped logits, fp32 [N], from raw logits [N, V] (any float dtype).
+    overwrite: the backward writes d(logits) over the logits (for a caller that never reads them again)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, cap_pos, cap_neg):
+    def forward(ctx, logits, targets, cap_pos, cap_neg, overwrite):
         loss, lse = _softcap_ce_fwd(logits, targets, cap_pos, cap_neg)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.caps = (cap_pos, cap_neg)
+        ctx.caps, ctx.overwrite = (cap_pos, cap_neg), overwrite
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         logits, targets, lse = ctx.saved_tensors
-        return _softcap_ce_bwd(grad, logits, targets, lse, *ctx.caps), None, None, None
+        if ctx.overwrite and logits.is_contiguous():
+            _softcap_ce_bwd_inplace(grad, logits, targets, lse, *ctx.caps)
+            return logits, None, None, None, None
+        return _softcap_ce_bwd(grad, logits, targets, lse, *ctx.caps), None, None, None, None
 
 
-def softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap_pos: float, cap_neg: float) -> Tensor:
-    """Fused: the same loss as eager_softcapped_cross_entropy without fp32 [N, V] tensors."""
-    return SoftcapCrossEntropy.apply(logits, targets, cap_pos, cap_neg)
+def softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap_pos: float, cap_neg: float,
+                             overwrite: bool = False) -> Tensor:
+    """Fused: the same loss as eager_softcapped_cross_entropy without fp32 [N, V] tensors.
+    overwrite=True lets the backward reuse the logits' memory for their gradient: only for logits
+    that nothing reads after the loss (the training forward's head output)."""
+    return SoftcapCrossEntropy.apply(logits, targets, cap_pos, cap_neg, overwrite)
 
 
 def eager_softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap_pos: float, cap_neg: float) -> Tensor:
@@ -1575,7 +1599,7 @@ class GPT(nn.Module):
             targets = targets.gather(1, positions)
         if self.fused_ce_enabled and lora is None and hidden.is_cuda and triton is not None:
             loss = softcapped_cross_entropy(self.head(hidden).flatten(0, 1), targets.flatten(), self.logit_softcap,
-                                            self.logit_softcap_neg)
+                                            self.logit_softcap_neg, overwrite=True)
         else:
             loss = F.cross_entropy(self.logits(hidden, lora).flatten(0, 1), targets.flatten(), reduction="none")
         loss = loss.view_as(targets)

@@ -93,6 +93,26 @@ def _run_checks():
     leaf = leaf.detach().requires_grad_()
     want = torch.autograd.grad(tg.eager_softcapped_cross_entropy(leaf, targets, 30.0, 20.0).sum(), leaf)[0]
     results["cross-entropy torch.compile fullgraph"] = {"dlogits": err(got, want)}
+
+    # overwrite=True (the training forward): d(logits) is written over the head's output, eagerly
+    # and through AOTAutograd's functionalized graph; the gradients reaching the head's inputs match
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(37, 24, generator=gen), torch.randn(1000, 24, generator=gen)
+
+    def head_loss(ce, overwrite=None):
+        kw = {} if overwrite is None else {"overwrite": overwrite}
+        return lambda a, b: ce(a @ b.T, targets[:37] % 1000, 30.0, 20.0, **kw).sum()
+
+    rows = []
+    for fn in (head_loss(tg.softcapped_cross_entropy, True),
+               torch.compile(head_loss(tg.softcapped_cross_entropy, True), backend="aot_eager", fullgraph=True),
+               head_loss(tg.eager_softcapped_cross_entropy)):
+        leaves = [t.clone().requires_grad_() for t in (x, w)]
+        loss = fn(*leaves)
+        rows.append((loss, *torch.autograd.grad(loss, leaves)))
+    for name, row in (("eager", rows[0]), ("torch.compile", rows[1])):
+        results[f"cross-entropy overwrite {name}"] = {k: err(g, w) for k, g, w in zip(("loss", "dx", "dw"), row,
+                                                                                        rows[2])}
     return results
 
 
@@ -138,6 +158,11 @@ def test_fused_cross_entropy_loss_and_grad_match_eager(results, case):
 
 def test_fused_cross_entropy_compiles_fullgraph(results):
     _assert_small(results["cross-entropy torch.compile fullgraph"])
+
+
+@pytest.mark.parametrize("mode", ["eager", "torch.compile"])
+def test_fused_cross_entropy_backward_over_its_logits_gives_the_same_gradients(results, mode):
+    _assert_small(results[f"cross-entropy overwrite {mode}"])
 
 
 if __name__ == "__main__":  # the child process

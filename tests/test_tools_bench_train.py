@@ -235,6 +235,10 @@ def test_parse_compile_times_keeps_the_largest_rows():
              "GraphLowering.compile_to_module, 30.5\nbuild_guards, 0.02\nasync_compile.wait, 12.0\n")
     assert bt.parse_compile_times(table, top=2) == {"_compile.compile_inner": 51.2,
                                                     "GraphLowering.compile_to_module": 30.5}
+    tabulated = ("TorchDynamo compilation metrics:\nFunction                          Runtimes (s)\n"
+                 "--------------------------------  --------------\n_compile.compile_inner            51.2\n"
+                 "build_guards                      0.02\n")  # torch 2.11's layout
+    assert bt.parse_compile_times(tabulated) == {"_compile.compile_inner": 51.2, "build_guards": 0.02}
     result = _result()
     result["warmup_step_s"] = {"off": [55.0, 0.7], "on": [40.0, 1.0]}
     result["compile_times_s"] = bt.parse_compile_times(table, top=1)

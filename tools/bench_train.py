@@ -747,10 +747,11 @@ def dynamo_compile_times(top: int = 12) -> dict[str, float]:
 
 
 def parse_compile_times(table: str, top: int = 12) -> dict[str, float]:
-    """{name: seconds} of the `top` largest "name, seconds" rows of compile_times()'s table."""
+    """{name: seconds} of the `top` largest rows of compile_times()'s table: "name, seconds" lines,
+    or (torch 2.11) a tabulated "name   seconds" layout."""
     rows = {}
     for line in table.splitlines():
-        name, _, value = line.rpartition(",")
+        name, _, value = line.rpartition(",") if "," in line else line.strip().rpartition(" ")
         try:
             rows[name.strip()] = float(value)
         except ValueError:

@@ -6,7 +6,9 @@
 Accuracy: loss and d(loss)/d(logits) of the kernel against the eager fp32 math (softcap, then
 F.cross_entropy), symmetric and asymmetric caps. Speed and memory: forward + backward from bf16
 logits, median of 20 (CUDA events, after warmup), for the kernel and for torch.compile'd eager
-math, and the peak memory each adds on top of its inputs.
+math, and the peak memory each adds on top of its inputs. Memory in the model's use: the tied head
+(hidden @ W^T) and the loss compiled together, forward + backward, with the backward writing
+d(logits) over the logits (overwrite=True, as the training forward does) and into a new tensor.
 """
 import os
 import statistics
@@ -72,6 +74,41 @@ def timings() -> dict:
     return out
 
 
+def head_memory() -> dict:
+    """Peak MiB above the inputs of head + loss, forward + backward, compiled as in training."""
+    tg = _tg()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    hidden = torch.randn(N, 512, device="cuda", generator=gen).bfloat16()
+    weight = (torch.randn(V, 512, device="cuda", generator=gen) / 512**0.5).bfloat16()
+    targets = torch.randint(0, V, (N,), device="cuda", generator=gen)
+    out = {}
+    for overwrite in (False, True):
+        fn = torch.compile(lambda h, w: tg.softcapped_cross_entropy(h @ w.T, targets, CAP, CAP, overwrite).mean(),
+                           dynamic=False, fullgraph=True)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+        for _ in range(2):
+            grads = torch.autograd.grad(fn(*leaves), leaves)
+        del grads
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        grads = torch.autograd.grad(fn(*leaves), leaves)
+        torch.cuda.synchronize()
+        out[f"overwrite_{int(overwrite)}_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out[f"overwrite_{int(overwrite)}_grads"] = [g.float() for g in grads]
+    out["grad_max_diff"] = max((a - b).abs().max().item() for a, b in zip(out.pop("overwrite_0_grads"),
+                                                                           out.pop("overwrite_1_grads")))
+    return out
+
+
+def test_backward_over_the_logits_saves_their_memory():
+    m = head_memory()
+    print(m)
+    assert m["grad_max_diff"] == 0.0, m  # the same kernel, only the destination differs
+    logits_mib = N * V * 2 / 2**20
+    assert m["overwrite_1_extra_mib"] <= m["overwrite_0_extra_mib"] - 0.9 * logits_mib, m
+
+
 def test_loss_and_grad_match_eager():
     for caps in ((CAP, CAP), (CAP, 15.0)):
         acc = accuracy(caps)
@@ -100,3 +137,4 @@ if __name__ == "__main__":
         sys.exit("needs a CUDA GPU")
     test_loss_and_grad_match_eager()
     print(summary())
+    print("FUSED_CE head memory", head_memory())
