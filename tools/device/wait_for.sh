@@ -1,0 +1,17 @@
+#!/bin/bash
+# usage: wait_for.sh SECONDS PATTERN NAME... -- until every run's console log has PATTERN (or SECONDS
+# pass), then copy each log and train.log to $OUT and print its milestones. PATTERN examples:
+# train_done (training over), prequant (pre-quantization score), "^final " (the run's score).
+LIMIT=$1; PATTERN=$2; shift 2; t0=$(date +%s)
+while [ $(( $(date +%s) - t0 )) -lt $LIMIT ]; do
+  done_all=1
+  for n in "$@"; do grep -q -- "$PATTERN" /root/runs/$n.out 2>/dev/null || done_all=0; done
+  [ $done_all = 1 ] && break
+  sleep 5
+done
+for n in "$@"; do
+  cp /root/runs/$n.out $OUT/$n.console.txt; cp /root/runs/$n/train.log $OUT/$n.train.log 2>/dev/null
+  cp /root/runs/$n/summary.json $OUT/$n.summary.json 2>/dev/null
+  echo "== $n"; grep -E "^error|warmup_and|val_bpb|train_done|ema_select|^step:[0-9]+/" /root/runs/$n.out | tail -8
+done
+nvidia-smi --query-gpu=memory.used --format=csv
