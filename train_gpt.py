@@ -153,6 +153,7 @@ class Hyperparameters:
         self.attn_backend = get("ATTN_BACKEND", "")  # fa3 | fa4 | varlen | sdpa; empty: best available
         self.fused_mlp = bool(get("FUSED_MLP", 1, "0/1"))
         self.fused_ce = bool(get("FUSED_CE", 1, "0/1"))  # fused softcapped cross-entropy kernel (CUDA)
+        self.fused_head_ce = bool(get("FUSED_HEAD_CE", 0, "0/1"))  # with FUSED_CE: the head inside it too
         # optimizers
         self.min_lr = get("MIN_LR", 0.1, "0..1")
         self.tied_embed_lr = get("TIED_EMBED_LR", 0.03, ">=0")
@@ -1054,9 +1055,11 @@ if triton is not None:
         return cap * th, th
 
     @triton.jit
-    def _softcap_ce_kernel(logits, targets, lse, grad_loss, out, V, cap_pos, cap_neg,
-                           FORWARD: tl.constexpr, BLOCK_V: tl.constexpr):
-        """One row per program. FORWARD: out[row] <- loss, lse[row] <- logsumexp(z).
+    def _softcap_ce_kernel(logits, targets, lse, grad_loss, out, grad_out, V, cap_pos, cap_neg,
+                           FORWARD: tl.constexpr, GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+        """One row per program. FORWARD: out[row] <- loss, lse[row] <- logsumexp(z), and with GRAD also
+        grad_out[row, :] <- (softmax(z) − onehot(target))·(1 − tanh²), the gradient for a unit
+        d(loss); grad_out may be the logits themselves (the row is read whole before it is written).
         Backward: out[row, :] <- grad_loss[row]·(softmax(z) − onehot(target))·(1 − tanh²)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_V)
@@ -1070,6 +1073,9 @@ if triton is not None:
             row_lse = peak + tl.log(tl.sum(tl.exp(z - peak), axis=0))
             tl.store(lse + row, row_lse)
             tl.store(out + row, row_lse - tl.sum(tl.where(cols == target, z, 0.0), axis=0))
+            if GRAD:
+                g = tl.exp(z - row_lse) - tl.where(cols == target, 1.0, 0.0)
+                tl.store(grad_out + row * V + cols, (g * (1.0 - th * th)).to(grad_out.dtype.element_ty), mask=inside)
         else:
             p = tl.exp(z - tl.load(lse + row))
             g = (p - tl.where(cols == target, 1.0, 0.0)) * tl.load(grad_loss + row)
@@ -1077,11 +1083,11 @@ if triton is not None:
 
 
 def softcap_ce(logits: Tensor, targets: Tensor, cap_pos: float, cap_neg: float, lse: Tensor | None = None,
-               grad_loss: Tensor | None = None, out: Tensor | None = None):
+               grad_loss: Tensor | None = None, grad_out: Tensor | None = None):
     """Launch the kernel. Forward (lse None): returns (loss, lse), fp32 [N], for logits [N, V] and
-    targets [N] of ids in [0, V). Backward (lse and grad_loss [N] given): returns d(loss)/d(logits),
-    written into `out` if given (it may be `logits` itself: each program reads its whole row before
-    it writes)."""
+    targets [N] of ids in [0, V); with grad_out [N, V] (which may be `logits` itself) it also writes
+    the gradient for a unit d(loss) there. Backward (lse and grad_loss [N] given): returns
+    d(loss)/d(logits)."""
     if triton is None or not (logits.is_cuda or _TRITON_INTERPRETED):
         raise RuntimeError("the fused cross-entropy kernel needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     logits, targets = logits.contiguous(), targets.contiguous()
@@ -1090,10 +1096,11 @@ def softcap_ce(logits: Tensor, targets: Tensor, cap_pos: float, cap_neg: float, 
         lse, out = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(2))
         grad_loss = out  # unread
     else:
-        out, grad_loss = torch.empty_like(logits) if out is None else out, grad_loss.float().contiguous()
+        out, grad_loss = torch.empty_like(logits), grad_loss.float().contiguous()
     block = triton.next_power_of_2(V)
-    _softcap_ce_kernel[(N,)](logits, targets, lse, grad_loss, out, V, float(cap_pos), float(cap_neg),
-                             FORWARD=forward, BLOCK_V=block, num_warps=min(16, max(1, block // 512)))
+    _softcap_ce_kernel[(N,)](logits, targets, lse, grad_loss, out, out if grad_out is None else grad_out, V,
+                             float(cap_pos), float(cap_neg), FORWARD=forward, GRAD=grad_out is not None,
+                             BLOCK_V=block, num_warps=min(16, max(1, block // 512)))
     return (out, lse) if forward else out
 
 
@@ -1121,47 +1128,69 @@ def _(grad_loss, logits, targets, lse, cap_pos, cap_neg):
     return torch.empty_like(logits)
 
 
-# The same backward written over the saved logits: at the training shape they are a 1.5 GiB
-# [tokens, 8192] tensor that is dead once its gradient exists, and a second one raised peak memory
-# by a gigabyte. Inductor keeps the mutation in place (it runs the op on the saved buffer).
-@torch.library.custom_op("pgolf::softcap_ce_bwd_", mutates_args=("logits",),
-                         schema="(Tensor grad_loss, Tensor(a!) logits, Tensor targets, Tensor lse, float cap_pos, "
-                                "float cap_neg) -> ()")
-def _softcap_ce_bwd_inplace(grad_loss, logits, targets, lse, cap_pos, cap_neg):
-    softcap_ce(logits, targets, cap_pos, cap_neg, lse=lse, grad_loss=grad_loss, out=logits)
-
-
-@_softcap_ce_bwd_inplace.register_fake
-def _(grad_loss, logits, targets, lse, cap_pos, cap_neg):
-    return None
-
-
 class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of softcapped logits, fp32 [N], from raw logits [N, V] (any float dtype).
-    overwrite: the backward writes d(logits) over the logits (for a caller that never reads them again)."""
+    """Per-token cross-entropy of softcapped logits, fp32 [N], from raw logits [N, V] (any float dtype)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, cap_pos, cap_neg, overwrite):
+    def forward(ctx, logits, targets, cap_pos, cap_neg):
         loss, lse = _softcap_ce_fwd(logits, targets, cap_pos, cap_neg)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.caps, ctx.overwrite = (cap_pos, cap_neg), overwrite
+        ctx.caps = (cap_pos, cap_neg)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         logits, targets, lse = ctx.saved_tensors
-        if ctx.overwrite and logits.is_contiguous():
-            _softcap_ce_bwd_inplace(grad, logits, targets, lse, *ctx.caps)
-            return logits, None, None, None, None
-        return _softcap_ce_bwd(grad, logits, targets, lse, *ctx.caps), None, None, None, None
+        return _softcap_ce_bwd(grad, logits, targets, lse, *ctx.caps), None, None, None
 
 
-def softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap_pos: float, cap_neg: float,
-                             overwrite: bool = False) -> Tensor:
-    """Fused: the same loss as eager_softcapped_cross_entropy without fp32 [N, V] tensors.
-    overwrite=True lets the backward reuse the logits' memory for their gradient: only for logits
-    that nothing reads after the loss (the training forward's head output)."""
-    return SoftcapCrossEntropy.apply(logits, targets, cap_pos, cap_neg, overwrite)
+def softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap_pos: float, cap_neg: float) -> Tensor:
+    """Fused: the same loss as eager_softcapped_cross_entropy without fp32 [N, V] tensors."""
+    return SoftcapCrossEntropy.apply(logits, targets, cap_pos, cap_neg)
+
+
+# FUSED_HEAD_CE=1: the tied head and the loss as one function whose forward also computes the
+# loss's gradient for a unit d(loss), written over the logits it just made. A row's upstream
+# gradient g only scales that row, and scaling rows commutes with the head's two products:
+# d(hidden) = g·(U W) and d(W) = Uᵀ (g·hidden). So the backward needs neither the logits nor
+# a second [tokens, 8192] tensor (the plain path keeps the logits and allocates d(logits) beside
+# them, 1.5 GiB each at the training shape), and the kernel reads the logits once instead of twice.
+# (A fused linear + cross-entropy, as in Liger-Kernel; there the work is also split in row chunks.)
+@torch.library.custom_op("pgolf::head_softcap_ce", mutates_args=(),
+                         schema="(Tensor hidden, Tensor weight, Tensor targets, float cap_pos, float cap_neg) "
+                                "-> (Tensor, Tensor)")
+def _head_softcap_ce(hidden, weight, targets, cap_pos, cap_neg):
+    unit_grad = hidden @ weight.t()  # the logits, overwritten in place by their unit gradient
+    loss, _ = softcap_ce(unit_grad, targets, cap_pos, cap_neg, grad_out=unit_grad)
+    return loss, unit_grad
+
+
+@_head_softcap_ce.register_fake
+def _(hidden, weight, targets, cap_pos, cap_neg):
+    return hidden.new_empty(hidden.shape[:1], dtype=torch.float32), hidden.new_empty(hidden.size(0), weight.size(0))
+
+
+class HeadSoftcapCrossEntropy(torch.autograd.Function):
+    """Per-token loss, fp32 [N], of the softcapped logits hidden [N, D] @ weight [V, D]^T (same dtype)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, cap_pos, cap_neg):
+        loss, unit_grad = _head_softcap_ce(hidden, weight, targets, cap_pos, cap_neg)
+        ctx.save_for_backward(hidden, weight, unit_grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, unit_grad = ctx.saved_tensors
+        g = grad.float()[:, None]  # scaled in fp32: g is ~1e-6 and a bf16 g would be off by up to 0.4%
+        d_hidden = ((unit_grad @ weight).float() * g).to(hidden.dtype)
+        return d_hidden, unit_grad.t() @ (hidden.float() * g).to(hidden.dtype), None, None, None
+
+
+def head_softcapped_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, cap_pos: float,
+                                  cap_neg: float) -> Tensor:
+    """The loss of softcapped_cross_entropy(hidden @ weight.T, ...) with the head inside (FUSED_HEAD_CE)."""
+    return HeadSoftcapCrossEntropy.apply(hidden, weight, targets, cap_pos, cap_neg)
 
 
 def eager_softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap_pos: float, cap_neg: float) -> Tensor:
@@ -1412,7 +1441,7 @@ class GPT(nn.Module):
         self.logit_softcap, self.attn_backend = h.logit_softcap, attn_backend
         self.logit_softcap_neg = h.logit_softcap_neg or h.logit_softcap
         self.skip_gates_enabled, self.fused_mlp_enabled = h.skip_gates_enabled, h.fused_mlp
-        self.fused_ce_enabled = h.fused_ce
+        self.fused_ce_enabled, self.fused_head_ce = h.fused_ce, h.fused_head_ce
         self.loop_start, self.loop_end, self.num_loops = h.loop_start, h.loop_end, h.num_loops
         self.parallel_start, self.parallel_final_lane = h.parallel_start_layer, h.parallel_final_lane
         self.xsa_first = L - h.xsa_last_n
@@ -1597,9 +1626,13 @@ class GPT(nn.Module):
         if positions is not None:
             hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
             targets = targets.gather(1, positions)
-        if self.fused_ce_enabled and lora is None and hidden.is_cuda and triton is not None:
-            loss = softcapped_cross_entropy(self.head(hidden).flatten(0, 1), targets.flatten(), self.logit_softcap,
-                                            self.logit_softcap_neg, overwrite=True)
+        if self.fused_ce_enabled and lora is None and (hidden.is_cuda or _TRITON_INTERPRETED) and triton is not None:
+            caps = (self.logit_softcap, self.logit_softcap_neg)
+            if self.fused_head_ce and torch.is_grad_enabled():
+                weight = self.tok_emb.weight.to(hidden.dtype)
+                loss = head_softcapped_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), *caps)
+            else:
+                loss = softcapped_cross_entropy(self.head(hidden).flatten(0, 1), targets.flatten(), *caps)
         else:
             loss = F.cross_entropy(self.logits(hidden, lora).flatten(0, 1), targets.flatten(), reduction="none")
         loss = loss.view_as(targets)

@@ -94,25 +94,32 @@ def _run_checks():
     want = torch.autograd.grad(tg.eager_softcapped_cross_entropy(leaf, targets, 30.0, 20.0).sum(), leaf)[0]
     results["cross-entropy torch.compile fullgraph"] = {"dlogits": err(got, want)}
 
-    # overwrite=True (the training forward): d(logits) is written over the head's output, eagerly
-    # and through AOTAutograd's functionalized graph; the gradients reaching the head's inputs match
+    # FUSED_HEAD_CE: the head inside the loss; a different upstream gradient per row (the algebra
+    # that moves it past the head's products), eagerly and through AOTAutograd's graph
     gen = torch.Generator().manual_seed(3)
-    x, w = torch.randn(37, 24, generator=gen), torch.randn(1000, 24, generator=gen)
-
-    def head_loss(ce, overwrite=None):
-        kw = {} if overwrite is None else {"overwrite": overwrite}
-        return lambda a, b: ce(a @ b.T, targets[:37] % 1000, 30.0, 20.0, **kw).sum()
-
+    x, w = torch.randn(37, 24, generator=gen), torch.randn(1000, 24, generator=gen) / 2
+    y, row_grad = torch.randint(0, 1000, (37,), generator=gen), torch.rand(37, generator=gen) + 0.5
+    fused = lambda a, b: tg.head_softcapped_cross_entropy(a, b, y, 30.0, 20.0)  # noqa: E731
     rows = []
-    for fn in (head_loss(tg.softcapped_cross_entropy, True),
-               torch.compile(head_loss(tg.softcapped_cross_entropy, True), backend="aot_eager", fullgraph=True),
-               head_loss(tg.eager_softcapped_cross_entropy)):
+    for fn in (fused, torch.compile(fused, backend="aot_eager", fullgraph=True),
+               lambda a, b: tg.eager_softcapped_cross_entropy(a @ b.T, y, 30.0, 20.0)):
         leaves = [t.clone().requires_grad_() for t in (x, w)]
         loss = fn(*leaves)
-        rows.append((loss, *torch.autograd.grad(loss, leaves)))
+        rows.append((loss, *torch.autograd.grad(loss, leaves, row_grad)))
     for name, row in (("eager", rows[0]), ("torch.compile", rows[1])):
-        results[f"cross-entropy overwrite {name}"] = {k: err(g, w) for k, g, w in zip(("loss", "dx", "dw"), row,
-                                                                                        rows[2])}
+        results[f"head cross-entropy {name}"] = {k: err(g, w) for k, g, w in zip(("loss", "dx", "dw"), row, rows[2])}
+
+    # the model's forward (the kernels run on CPU here, as on CUDA): FUSED_CE=0 (eager loss),
+    # FUSED_CE=1 and FUSED_HEAD_CE=1 give the same loss and parameter gradients
+    from tests.test_model import VOCAB, tiny_model
+    ids = torch.randint(0, VOCAB, (2, 33), generator=gen)
+    grads = {}
+    for name, env in (("eager", {"FUSED_CE": 0}), ("fused", {}), ("fused_head", {"FUSED_HEAD_CE": 1})):
+        model = tiny_model(seed=6, **env)
+        loss = model(ids[:, :-1], ids[:, 1:]).mean()
+        grads[name] = [loss] + list(torch.autograd.grad(loss, list(model.parameters())))
+    for name in ("fused", "fused_head"):
+        results[f"model loss {name}"] = {f"{i}": err(g, w) for i, (g, w) in enumerate(zip(grads[name], grads["eager"]))}
     return results
 
 
@@ -161,8 +168,14 @@ def test_fused_cross_entropy_compiles_fullgraph(results):
 
 
 @pytest.mark.parametrize("mode", ["eager", "torch.compile"])
-def test_fused_cross_entropy_backward_over_its_logits_gives_the_same_gradients(results, mode):
-    _assert_small(results[f"cross-entropy overwrite {mode}"])
+def test_head_inside_the_loss_gives_the_same_loss_and_gradients(results, mode):
+    _assert_small(results[f"head cross-entropy {mode}"])
+
+
+@pytest.mark.parametrize("path", ["fused", "fused_head"])
+def test_the_model_trains_the_same_through_the_fused_losses(results, path):
+    """GPT.forward with FUSED_CE=1 (and FUSED_HEAD_CE=1) against FUSED_CE=0: loss and every gradient."""
+    _assert_small(results[f"model loss {path}"])
 
 
 if __name__ == "__main__":  # the child process
