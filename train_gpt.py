@@ -8,14 +8,16 @@ It trains a GPT on document-packed FineWeb rows within a wall-clock budget, quan
 (int6 matrices, int8 embedding), compresses it, checks the artifact against the size limit, and
 scores it in bits per byte: standard, sliding-window and per-document LoRA test-time training.
 The behaviour follows the Parameter Golf record "VarLen attention + fused MLP + doc-independent TTT"
-(PR #1530 by samacqua, val_bpb 1.07336).
+(PR #1530 by samacqua, val_bpb 1.07336), with later records' model and optimizer changes on by
+default where they measured better (SmearGate, a sparse attention gate, Polar Express, an LR floor,
+a Muon weight-decay taper, retuned query gain and Muon LR, EMA-or-live selection).
 
 Sections, in the order a run uses them:
     CONFIGURATION       Hyperparameters: every environment variable, read and checked once
     RUNTIME             ranks and collectives, compilation helpers, logging, environment report
     DATA                token shards, the document-packing training loader, calibration windows
     BITS PER BYTE       what each target token is charged in UTF-8 bytes
-    KERNELS             the fused Triton MLP (up-projection + LeakyReLU(0.5)^2)
+    KERNELS             the fused Triton MLP (up-projection + LeakyReLU(0.5)^2), softcapped cross-entropy
     MODEL               attention backends and the GPT
     OPTIMIZERS AND EMA  Muon for the weight banks, AdamW for the rest, the weight average
     TRAINING            the schedule, the honest compile warmup, the wall-clock training loop

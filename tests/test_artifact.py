@@ -473,7 +473,7 @@ def test_awq_lite_quantizes_its_group_finer_in_the_same_solve():
 
 
 def test_gptq_fine_columns_batched_match_one_by_one():
-    ws = torch.randn(2, 48, 80)
+    ws = torch.randn(2, 48, 80, generator=torch.Generator().manual_seed(0))
     hs = torch.stack([correlated_hessian(80, seed=i) for i in range(2)])
     mask = torch.zeros(2, 80, dtype=torch.bool)
     mask[0, 16:32] = True
@@ -482,7 +482,8 @@ def test_gptq_fine_columns_batched_match_one_by_one():
         q, s, f = tg.gptq_quantize(ws[i], hs[i], 12.85, 6, block_size=32, fine_cols=mask[i])
         assert torch.equal(s, sb[i]) and torch.equal(f, fb[i])
         assert (q != qb[i]).float().mean() < 1e-3
-    assert qb[1].abs().max() <= 31 and qb[0, :, 16:32].abs().max() > 31
+    # the fine columns' levels are ~4x finer (127 against 31 over the same clip): their values spread wider
+    assert qb[1].abs().max() <= 31 and qb[0, :, 16:32].abs().max() > 2 * qb[0][:, ~mask[0]].abs().max()
 
 
 def test_row_reorder_is_exact_and_groups_similar_rows():
