@@ -1,12 +1,5 @@
 #!/bin/bash
-# usage: wait_for.sh SECONDS PATTERN NAME... -- until every run's log has PATTERN (or SECONDS pass); copy logs to $OUT
-LIMIT=$1; PATTERN=$2; shift 2; t0=$(date +%s)
-while [ $(( $(date +%s) - t0 )) -lt $LIMIT ]; do
-  done_all=1
-  for n in "$@"; do grep -q -- "$PATTERN" /root/runs/$n.out 2>/dev/null || done_all=0; done
-  [ $done_all = 1 ] && break
-  sleep 5
-done
-for n in "$@"; do cp /root/runs/$n.out $OUT/$n.console.txt; cp /root/runs/$n/train.log $OUT/$n.train.log 2>/dev/null
-  echo "== $n"; grep -E "warmup|val_bpb|train_done|step:(1|50|100|150)/" /root/runs/$n.out | tail -12; done
-nvidia-smi --query-gpu=memory.used --format=csv
+# usage: wait_for.sh SECONDS PATTERN NAME... -- this folder's runs were followed by the version of this
+# script at commit 5cde501 (poll the console logs for PATTERN, copy them to $OUT); it lives on as
+# tools/device/wait_for.sh, which also copies each run's summary.json.
+exec bash "$(dirname "$0")/../../../tools/device/wait_for.sh" "$@"
