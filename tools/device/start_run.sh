@@ -21,7 +21,9 @@ if [ ! -f /root/data/datasets/fineweb10B_sp8192/fineweb_val_000000.bin ]; then
     --val-docs 2000 --out /root/data 2>&1 | tail -2
   echo "corpus built in $(( $(date +%s) - t0 ))s"
 fi
+# the run reads its own copy of the script: a later call replaces the working tree
+mkdir -p /root/snap/$NAME && cp train_gpt.py /root/snap/$NAME/
 launch=(python3); [ "$NPROC" -gt 1 ] && launch=(torchrun --standalone --nproc_per_node=$NPROC)
-setsid nohup env DATA_DIR=/root/data ARTIFACT_DIR=/root/runs/$NAME RUN_ID=$NAME "$@" "${launch[@]}" train_gpt.py \
-  > /root/runs/$NAME.out 2>&1 < /dev/null &
+setsid nohup env DATA_DIR=/root/data ARTIFACT_DIR=/root/runs/$NAME RUN_ID=$NAME "$@" "${launch[@]}" \
+  /root/snap/$NAME/train_gpt.py > /root/runs/$NAME.out 2>&1 < /dev/null &
 echo "started $NAME: $*"
