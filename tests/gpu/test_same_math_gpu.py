@@ -3,6 +3,7 @@
     python3 tests/gpu/test_same_math_gpu.py              # prints the numbers, then one JSON line
     python3 -m pytest -q tests/gpu/test_same_math_gpu.py  # asserts them (skipped without CUDA)
     python3 tests/gpu/test_same_math_gpu.py --cpu-tiny   # the same code on CPU, tiny model (a dry run)
+    python3 tests/gpu/test_same_math_gpu.py FUSED_HEAD_CE=1   # a switch of the fast path (VAR=VALUE)
 
 From the same weights, fresh optimizer state and the same grad_accum micro-batches (98,304-token
 packed rows that the training loader reads from a synthetic shard), ONE Trainer.step of
@@ -173,18 +174,19 @@ def check(r: dict) -> None:
         assert t["grad_rel_l2"] <= t["grad_tol"], (name, t)
 
 
-@pytest.mark.parametrize("looping", [False, True])
-def test_fast_and_plain_paths_take_the_same_step(looping, tmp_path):
-    r = same_math(looping, str(tmp_path))
+@pytest.mark.parametrize("looping, extra", [(False, {}), (True, {}), (False, {"FUSED_HEAD_CE": "1"})])
+def test_fast_and_plain_paths_take_the_same_step(looping, extra, tmp_path):
+    """extra: switches of the fast path only (FUSED_HEAD_CE: the head inside the fused loss)."""
+    r = same_math(looping, str(tmp_path), extra)
     report(r)
     check(r)
 
 
 if __name__ == "__main__":
-    env, device = {}, "cuda"
+    env, device = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a), "cuda"  # e.g. FUSED_HEAD_CE=1
     if "--cpu-tiny" in sys.argv:  # tests/conftest.py's tiny model, on CPU: both paths are eager there
         from tests.conftest import TINY_ENV
-        env, device = dict(TINY_ENV, VOCAB_SIZE="512"), "cpu"
+        env, device = dict(TINY_ENV, VOCAB_SIZE="512", **env), "cpu"
     results = []
     for looping in (False, True):
         with tempfile.TemporaryDirectory() as data_dir:
