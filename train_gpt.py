@@ -2881,14 +2881,21 @@ def read_eval_only_path(path: str):
     return state
 
 
+# The switches that add tensors to the model: a checkpoint from before a default changed lacks them.
+SWITCH_TENSORS = {"smear_w": "SMEAR_GATE", "smear_lambda": "SMEAR_GATE", "attn_gate": "SPARSE_ATTN_GATE"}
+
+
 def load_matching(path: str, state: dict, model: GPT) -> None:
     """Load state into model, naming any tensor whose name or shape does not match it."""
     expected = model.state_dict()
     for name in sorted(set(expected) | set(state)):
+        switch = SWITCH_TENSORS.get(name)
         if name not in state:
-            raise ConfigError(f"{path}: tensor {name} is missing; it was saved with other hyperparameters")
+            fix = f": set {switch}=0 as it was trained" if switch else ""
+            raise ConfigError(f"{path}: tensor {name} is missing; it was saved with other hyperparameters{fix}")
         if name not in expected:
-            raise ConfigError(f"{path}: tensor {name} is not part of this model; check NUM_LAYERS and friends")
+            fix = f"set {switch}=1 as it was trained" if switch else "check NUM_LAYERS and friends"
+            raise ConfigError(f"{path}: tensor {name} is not part of this model; {fix}")
         if state[name].shape != expected[name].shape:
             raise ConfigError(f"{path}: tensor {name} has shape {tuple(state[name].shape)} but the current "
                               f"hyperparameters give {tuple(expected[name].shape)}")

@@ -111,6 +111,16 @@ def test_eval_only_with_wrong_shapes_names_the_tensor(trained_run, tiny_dataset,
     assert "mlp_down_bank" in err and "(4, 128, 640)" in err and "(4, 128, 512)" in err
 
 
+@pytest.mark.parametrize("switch", ["SMEAR_GATE", "SPARSE_ATTN_GATE"])
+def test_eval_only_of_a_checkpoint_with_another_gate_setting_names_the_switch(trained_run, tiny_dataset, tmp_path,
+                                                                           monkeypatch, capsys, switch):
+    """The gates are on by default since #17's A/B: a checkpoint trained with one, evaluated without it."""
+    code = run_main(monkeypatch, dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path), **{switch: "0"},
+                                      EVAL_ONLY_PATH=os.path.join(trained_run, "final_model.pt")))
+    assert code == 2
+    assert f"set {switch}=1 as it was trained" in one_line_error(capsys)
+
+
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
