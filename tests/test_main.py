@@ -1,6 +1,7 @@
 """The whole script through main(), in-process on CPU: train -> checkpoint -> quantize -> evaluate,
 EVAL_ONLY_PATH on both the checkpoint and the artifact, the size limit (refusal and autofit), and
 the one-line errors for bad input."""
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,22 @@ from tests.conftest import TINY_ENV
 # Validation rows of 512 tokens (VAL_BATCH_TOKENS / 8) and TTT chunks of 32: fewer, larger calls.
 E2E_ENV = dict(TINY_ENV, MODEL_DIM="128", MLP_MULT="5", NUM_HEADS="4", NUM_KV_HEADS="2", ITERATIONS="3",
                WARMUP_STEPS="2", TTT_ENABLED="0", COMPRESSOR="lzma", VAL_BATCH_TOKENS="4096", TTT_CHUNK_SIZE="32")
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tiny_dataset, tmp_path_factory):
+    """The session's tiny dataset with its first validation shard only: the runs here evaluate many
+    times, and each evaluation then takes a third of the time."""
+    root = tmp_path_factory.mktemp("e2e_data") / "data"
+    shutil.copytree(tiny_dataset.data_dir, root)
+    moved = lambda path: str(root / os.path.relpath(path, tiny_dataset.data_dir))  # noqa: E731
+    for path in tiny_dataset.val_files[1:]:
+        os.remove(moved(path))
+    return dataclasses.replace(tiny_dataset, data_dir=str(root), dataset_dir=moved(tiny_dataset.dataset_dir),
+                               tokenizer_path=moved(tiny_dataset.tokenizer_path),
+                               val_files=(moved(tiny_dataset.val_files[0]),),
+                               train_files=tuple(moved(p) for p in tiny_dataset.train_files),
+                               val_tokens=(os.path.getsize(tiny_dataset.val_files[0]) - tg.SHARD_HEADER_BYTES) // 2)
 
 
 def run_main(monkeypatch, env: dict) -> int:
