@@ -80,6 +80,8 @@ def sweep(args: argparse.Namespace, environ=None) -> dict:
     base_env.update(EVAL_ONLY_PATH=args.checkpoint, ARTIFACT_DIR=out_dir, TTT_ENABLED="0")
     if not args.checkpoint.endswith(".pt"):
         raise UsageError(f"{args.checkpoint}: quant_sweep takes a final_model.pt (a .ptz is already quantized)")
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"{args.checkpoint} does not exist")
     h = tg.Hyperparameters(env=base_env)
     settings = [(name, env, tg.Hyperparameters(env={**base_env, **env})) for name, env in variants]  # checked now
     ctx = tg.start_run(h)
