@@ -2025,6 +2025,7 @@ class Trainer:
         self.ema = EMA(model, h.ema_decay)
         self.loader = self.new_loader()
         self.seq_len, self.seq_changed_at = h.train_seq_stages[0][0], 0  # progressive context: now, since step
+        self.warmup_seconds: dict = {}  # (looping, seq_len) -> seconds of each warm-up step (warm_up)
 
     def new_loader(self) -> DocumentPackingLoader:
         h = self.h
@@ -2308,12 +2309,13 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, clip_sigmas: float, bits: int
     # deviations). It is rounded to fp16 first and that rounded value is what q is computed
     # against, so q * scale in the artifact reproduces exactly what GPTQ saw. The floor is fp16's
     # smallest subnormal (2^-24), not 1e-10, which would round to 0 in fp16.
-    scale = (clip_sigmas * W.std(dim=-1) / r).clamp_min(2.0**-24).half()
+    row_spread = clip_sigmas * W.std(dim=-1)
+    scale = (row_spread / r).clamp_min(2.0**-24).half()
     s = scale.float()  # [batch, rows]
     if fine_cols is not None:  # AWQ-lite: its columns' own levels and per-row scale
         fine = fine_cols.to(dev).expand(batch, cols)
         r_fine = 2 ** (fine_bits - 1) - 1
-        fine_scale = (clip_sigmas * W.std(dim=-1) / r_fine).clamp_min(2.0**-24).half()
+        fine_scale = (row_spread / r_fine).clamp_min(2.0**-24).half()
 
     # Dead inputs (never nonzero in calibration) carry no information: pin their Hessian
     # diagonal to 1 and drop the weight; then damp by 1% of the mean diagonal for stability.
@@ -2509,12 +2511,13 @@ def nearest_neighbour_chain(q: Tensor) -> Tensor:
 
 def _gptq_dequantized(w: dict, name: str) -> Tensor:
     """q * scale (the fine scale in AWQ-lite's columns; + the LQER correction where there is one), fp32."""
-    out = w[name + ".q"].float() * w[name + ".scale"].float()[:, None]
+    q, scale = w[name + ".q"].float(), w[name + ".scale"].float()[:, None]
     if name + ".fine_scale" in w:
-        fine_cols = torch.zeros(out.shape[1], dtype=torch.bool)
+        fine_cols = torch.zeros(q.shape[1], dtype=torch.bool)
         for start, size in w[name + ".fine_cols"].tolist():
             fine_cols[start:start + size] = True
-        out = torch.where(fine_cols, w[name + ".q"].float() * w[name + ".fine_scale"].float()[:, None], out)
+        scale = torch.where(fine_cols, w[name + ".fine_scale"].float()[:, None], scale)
+    out = q * scale
     if name + ".lqer_a" in w:
         r, cols = int(w[name + ".lqer_a"].shape[1]), out.shape[1]
         a = w[name + ".lqer_a"].float() * w[name + ".lqer_a_scale"].float()

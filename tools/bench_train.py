@@ -704,7 +704,7 @@ def _measure(args, h, device, backend, trainer, setup_s: float, log) -> dict:
     compile_warmup_s = trainer.warm_up()
     log(f"compile + warmup: {compile_warmup_s:.1f} s")
     warmup_seconds = {("on" if looping else "off") + (f", seq_len {n}" if h.train_seq_schedule else ""): v
-                      for (looping, n), v in getattr(trainer, "warmup_seconds", {}).items()}
+                      for (looping, n), v in trainer.warmup_seconds.items()}
 
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
