@@ -1,7 +1,6 @@
 """The whole script through main(), in-process on CPU: train -> checkpoint -> quantize -> evaluate,
 EVAL_ONLY_PATH on both the checkpoint and the artifact, the size limit (refusal and autofit), and
 the one-line errors for bad input."""
-import dataclasses
 import json
 import os
 import shutil
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from tests.conftest import TINY_ENV
+from tests.conftest import TINY_ENV, with_one_val_shard
 
 # Wide enough that the MLP matrices (640 x 128 > 65,536 elements) go through GPTQ at int6.
 # Validation rows of 512 tokens (VAL_BATCH_TOKENS / 8) and TTT chunks of 32: fewer, larger calls.
@@ -21,18 +20,8 @@ E2E_ENV = dict(TINY_ENV, MODEL_DIM="128", MLP_MULT="5", NUM_HEADS="4", NUM_KV_HE
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tiny_dataset, tmp_path_factory):
-    """The session's tiny dataset with its first validation shard only: the runs here evaluate many
-    times, and each evaluation then takes a third of the time."""
-    root = tmp_path_factory.mktemp("e2e_data") / "data"
-    shutil.copytree(tiny_dataset.data_dir, root)
-    moved = lambda path: str(root / os.path.relpath(path, tiny_dataset.data_dir))  # noqa: E731
-    for path in tiny_dataset.val_files[1:]:
-        os.remove(moved(path))
-    return dataclasses.replace(tiny_dataset, data_dir=str(root), dataset_dir=moved(tiny_dataset.dataset_dir),
-                               tokenizer_path=moved(tiny_dataset.tokenizer_path),
-                               val_files=(moved(tiny_dataset.val_files[0]),),
-                               train_files=tuple(moved(p) for p in tiny_dataset.train_files),
-                               val_tokens=(os.path.getsize(tiny_dataset.val_files[0]) - tg.SHARD_HEADER_BYTES) // 2)
+    """The runs here evaluate many times: they read the dataset with one validation shard."""
+    return with_one_val_shard(tiny_dataset, tmp_path_factory.mktemp("e2e_data"))
 
 
 def run_main(monkeypatch, env: dict) -> int:

@@ -2,25 +2,22 @@
 artifact train_gpt.py itself builds from that checkpoint (bytes and score)."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
 import train_gpt as tg
+from tests.conftest import with_one_val_shard
 from tests.test_main import E2E_ENV, read_json, run_main
 from tools import quant_sweep as qs
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_dataset, tmp_path_factory):
-    """A final_model.pt of the end-to-end model shape with random weights (no zero matrices), and
-    the tiny dataset with one validation shard (each evaluation here takes a third of the time)."""
+    """A final_model.pt of the end-to-end model shape with random weights (no zero matrices), on the
+    tiny dataset with one validation shard (each evaluation here takes a third of the time)."""
     folder = tmp_path_factory.mktemp("sweep")
-    shutil.copytree(tiny_dataset.data_dir, folder / "data")
-    for path in tiny_dataset.val_files[1:]:
-        os.remove(folder / "data" / os.path.relpath(path, tiny_dataset.data_dir))
-    env = dict(E2E_ENV, VOCAB_SIZE=str(tiny_dataset.vocab_size), DATA_DIR=str(folder / "data"), COMPRESSOR="lzma")
+    env = dict(E2E_ENV, **with_one_val_shard(tiny_dataset, folder).env, COMPRESSOR="lzma")
     torch.manual_seed(0)
     model = tg.build_model(tg.Hyperparameters(env=dict(env, ARTIFACT_DIR=str(folder))), torch.device("cpu"))
     with torch.no_grad():
