@@ -155,7 +155,7 @@ class Hyperparameters:
         self.attn_backend = get("ATTN_BACKEND", "")  # fa3 | fa4 | varlen | sdpa; empty: best available
         self.fused_mlp = bool(get("FUSED_MLP", 1, "0/1"))
         self.fused_ce = bool(get("FUSED_CE", 1, "0/1"))  # fused softcapped cross-entropy kernel (CUDA)
-        self.fused_head_ce = bool(get("FUSED_HEAD_CE", 0, "0/1"))  # with FUSED_CE: the head inside it too
+        self.fused_head_ce = bool(get("FUSED_HEAD_CE", 1, "0/1"))  # with FUSED_CE: the head inside it too
         # optimizers
         self.min_lr = get("MIN_LR", 0.1, "0..1")
         self.tied_embed_lr = get("TIED_EMBED_LR", 0.03, ">=0")
@@ -655,14 +655,20 @@ class DocumentPackingLoader:
     slice shifted by one. A span that would overrun the shard drops the shard's
     tail and the next shard starts at its first BOS; after the last shard the loader wraps around.
     The next shard is read and the next batch prepared in background threads.
+
+    hold_out=k keeps k global spans at the end of the last shard that can hold them (from a BOS)
+    out of every pass, so held_out_batches() serves data never trained on, however often the
+    loader wraps around.
     """
 
     def __init__(self, pattern: str, local_tokens: int, max_doc_len: int, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", hold_out: int = 0):
         self.paths = shard_paths(pattern)
         self.n, self.max_doc_len, self.rank, self.world = local_tokens, max_doc_len, rank, world_size
         self.device = torch.device(device)
         self.span = world_size * (local_tokens + 1)
+        self.hold_out = hold_out
+        self.held_shard, self.held_start = self._hold_out_place() if hold_out else (None, None)
         self._shard_pool = concurrent.futures.ThreadPoolExecutor(1)
         self._batch_pool = concurrent.futures.ThreadPoolExecutor(1)
         self.shard_index = -1
@@ -675,10 +681,36 @@ class DocumentPackingLoader:
         bos = np.flatnonzero(tokens == BOS_ID)
         if bos.size == 0:
             raise ShardError(f"{self.paths[index]}: no BOS token ({BOS_ID}); documents cannot be found")
+        if index == self.held_shard:
+            tokens = tokens[:self.held_start]
         if len(tokens) - bos[0] < self.span:
-            raise ConfigError(f"{self.paths[index]}: {len(tokens)} tokens cannot fill one global batch of "
+            held = f" after the last {self.hold_out} spans held out (EMA_SELECT)" if self.hold_out else ""
+            raise ConfigError(f"{self.paths[index]}: {len(tokens)} tokens{held} cannot fill one global batch of "
                               f"{self.span}; lower TRAIN_BATCH_TOKENS or use larger shards")
         return tokens, int(bos[0])
+
+    def _hold_out_place(self) -> tuple[int, int]:
+        """(shard, start) of the held-out tail: the last shard with a BOS that leaves hold_out spans
+        after it and one span for training before it."""
+        for index in reversed(range(len(self.paths))):
+            tokens = read_shard(self.paths[index])
+            bos = np.flatnonzero(tokens == BOS_ID)
+            fits = bos[(bos <= len(tokens) - self.hold_out * self.span) & (bos >= bos[:1] + self.span)]
+            if fits.size:
+                return index, int(fits[-1])
+        raise ConfigError(f"no training shard of {self.paths[0]} ... holds EMA_SELECT={self.hold_out} held-out "
+                          f"batches of {self.span} tokens besides one for training; lower EMA_SELECT or use larger shards")
+
+    def held_out_batches(self) -> list[tuple[Tensor, Tensor, Tensor, int]]:
+        """The hold_out micro-batches (this rank's slice of each held-out span), cut as next_batch cuts."""
+        tokens, out = read_shard(self.paths[self.held_shard]), []
+        for k in range(self.hold_out):
+            a = self.held_start + k * self.span + self.rank * (self.n + 1)
+            chunk = torch.from_numpy(tokens[a:a + self.n + 1].astype(np.int64))
+            cu, max_len = build_cu_seqlens(chunk[:-1].numpy(), self.max_doc_len)
+            out.append((chunk[:-1].to(self.device), chunk[1:].to(self.device), torch.from_numpy(cu).to(self.device),
+                        max_len))
+        return out
 
     def _advance_shard(self):
         self.shard_index = (self.shard_index + 1) % len(self.paths)
@@ -2030,7 +2062,7 @@ class Trainer:
     def new_loader(self) -> DocumentPackingLoader:
         h = self.h
         return DocumentPackingLoader(h.train_files, h.local_batch_tokens, h.train_seq_stages[0][0], h.rank,
-                                     h.world_size, self.device)
+                                     h.world_size, self.device, hold_out=h.ema_select)
 
     def step(self, step: int, frac: float, batches=None, seq_len: int | None = None) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean training loss.
@@ -2069,7 +2101,7 @@ class Trainer:
 
     def finish_with_better_average(self) -> dict:
         """The EMA weights, unless the live ones score lower on the EMA_SELECT training micro-batches
-        that train() drew after its last step (never trained on): a short run's average can lag.
+        held out of every pass over the training shards (never trained on): a short run's average can lag.
         Selection on training data only, the same on every rank."""
         batches = self.held_out
         live_state = {n: p.detach().clone() for n, p in self.model.named_parameters()}
@@ -2180,7 +2212,7 @@ class Trainer:
         stats.update(steps=step, train_ms=train_ms)
         if self.device.type == "cuda":
             stats["peak_memory_mib"] = torch.cuda.max_memory_allocated() // 2**20
-        self.held_out = [self.loader.next_batch() for _ in range(h.ema_select)]  # for EMA_SELECT: never trained on
+        self.held_out = self.loader.held_out_batches()  # for EMA_SELECT: the loader never serves them
         self.loader.close()
         return stats
 
@@ -3640,7 +3672,7 @@ def train_phase(ctx: RunContext) -> None:
         f"peak_memory:{stats.get('peak_memory_mib', 0)}MiB{live}")
     if h.ema_select:
         choice = ctx.summary["ema_select"] = trainer.finish_with_better_average()
-        log(f"ema_select on {h.ema_select} unseen training micro-batches: live loss {choice['live_loss']:.5f}, "
+        log(f"ema_select on {h.ema_select} held-out training micro-batches: live loss {choice['live_loss']:.5f}, "
             f"EMA loss {choice['ema_loss']:.5f}: kept the {choice['kept']} weights")
     else:
         trainer.ema.copy_to(model)

@@ -202,6 +202,45 @@ def test_packing_loader_single_shard_keeps_cycling(tmp_path):
     assert [s for _, s in starts] == [0, 100, 200, 300, 400] * 2 + [0, 100]
 
 
+def test_packing_loader_holds_out_the_last_shards_tail_in_every_pass(tmp_path):
+    """hold_out=k: the last k global spans of the last shard (from a BOS) are never served by
+    next_batch, however often the loader wraps; held_out_batches() serves exactly them, each rank
+    its slice; a last shard too short for them leaves them to the shard before it. Before, EMA_SELECT scored the loader's next batches, which a run longer than one
+    pass over the data (a 300 s run on the corpus makes three) had already trained on."""
+    world, n, max_doc_len, k = 2, 40, 16, 2
+    span = world * (n + 1)
+    pattern, arrays = make_shards(str(tmp_path), [1400, 900])
+    last = arrays[-1]
+    bos = np.flatnonzero(last == BOS_ID)
+    start = int(bos[bos <= len(last) - k * span][-1])
+    held = {int(t) for t in last[start:start + k * span]}
+    for rank in range(world):
+        loader = DocumentPackingLoader(pattern, n, max_doc_len, rank=rank, world_size=world, hold_out=k)
+        try:
+            served = set()
+            for _ in range(40):  # several passes over both shards
+                x, y, _, _ = loader.next_batch()
+                served |= {int(t) for t in torch.cat([x, y[-1:]])}
+            batches = loader.held_out_batches()
+        finally:
+            loader.close()
+        assert not (served - {BOS_ID}) & (held - {BOS_ID})
+        assert len(batches) == k
+        for j, (x, y, cu, max_len) in enumerate(batches):
+            a = start + j * span + rank * (n + 1)
+            assert np.array_equal(torch.cat([x, y[-1:]]).numpy(), last[a:a + n + 1])
+            ref_cu, ref_max = build_cu_seqlens(x.numpy(), max_doc_len)
+            assert np.array_equal(cu.numpy(), ref_cu) and max_len == ref_max
+    assert last[start] == BOS_ID
+    with pytest.raises(ConfigError, match="EMA_SELECT=50"):
+        DocumentPackingLoader(pattern, n, max_doc_len, world_size=world, hold_out=50)
+    loader = DocumentPackingLoader(pattern, n, max_doc_len, world_size=world, hold_out=10)
+    try:  # 900 tokens cannot hold 10 spans of 82 and one more: shard 0 holds them
+        assert loader.held_shard == 0 and span <= loader.held_start <= 1400 - 10 * span
+    finally:
+        loader.close()
+
+
 def test_packing_loader_rejects_unusable_shards(tmp_path):
     pattern, _ = make_shards(str(tmp_path), [100])
     with pytest.raises(ConfigError, match="cannot fill one global batch"):

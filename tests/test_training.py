@@ -173,8 +173,8 @@ def test_val_loss_every_0_validates_only_at_the_end(make_hparams):
 
 
 def test_ema_select_keeps_whichever_weights_score_lower_on_unseen_training_batches(make_hparams):
-    """EMA_SELECT=k: after training, live and EMA weights are scored on the loader's next k
-    micro-batches (data training never used, never validation) and the better one stays."""
+    """EMA_SELECT=k: after training, live and EMA weights are scored on the k micro-batches the
+    loader holds out of every pass (data training never used, never validation); the better stays."""
     h = make_hparams(ITERATIONS=3, VAL_LOSS_EVERY=0, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256, EMA_SELECT=2)
     model = tg.build_model(h, torch.device("cpu"))
     trainer = tg.Trainer(h, model, model, torch.device("cpu"), _quiet)
