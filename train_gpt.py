@@ -227,7 +227,7 @@ class Hyperparameters:
         self.lqer_group = get("LQER_GROUP", 64, ">=1")  # int4 factor B: one fp16 scale per this many values
         self.attn_clip_sigmas = get("ATTN_CLIP_SIGMAS", 0.0, ">=0")
         self.artifact_limit_bytes = get("ARTIFACT_LIMIT_BYTES", 16_000_000, ">=1")
-        self.artifact_autofit = bool(get("ARTIFACT_AUTOFIT", 0, "0/1"))
+        self.artifact_autofit = bool(get("ARTIFACT_AUTOFIT", 1, "0/1"))  # 0: refuse an oversized artifact
         # submission.json metadata
         self.submission_name = get("SUBMISSION_NAME", "")
         self.submission_author = get("SUBMISSION_AUTHOR", "")

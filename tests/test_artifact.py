@@ -368,7 +368,7 @@ def test_write_artifact_over_the_limit_writes_it_and_autofit_makes_it_fit(make_h
     model = tg.build_model(h, torch.device("cpu"))
     device, ptz = torch.device("cpu"), os.path.join(h.artifact_dir, "a.ptz")
     total = tg.write_artifact(h, model, "x = 1\n", ptz, device, _quiet, None)["total_bytes"]
-    tight = make_hparams(MODEL_DIM=256, COMPRESSOR="lzma", ARTIFACT_LIMIT_BYTES=total - 2000)
+    tight = make_hparams(MODEL_DIM=256, COMPRESSOR="lzma", ARTIFACT_LIMIT_BYTES=total - 2000, ARTIFACT_AUTOFIT=0)
     over = tg.write_artifact(tight, model, "x = 1\n", ptz, device, _quiet, None)
     assert over["total_bytes"] == total > tight.artifact_limit_bytes and os.path.getsize(ptz) == over["model_bytes"]
     assert "OVER" in over["report"]

@@ -87,7 +87,7 @@ def test_over_limit_artifact_is_written_then_refused(trained_run, tiny_dataset, 
     ckpt = tmp_path / "final_model.pt"  # no artifact beside it: quantize again, then check the size
     shutil.copy(os.path.join(trained_run, "final_model.pt"), ckpt)
     code = run_main(monkeypatch, dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path),
-                                      EVAL_ONLY_PATH=str(ckpt), ARTIFACT_LIMIT_BYTES="20000"))
+                                      EVAL_ONLY_PATH=str(ckpt), ARTIFACT_LIMIT_BYTES="20000", ARTIFACT_AUTOFIT="0"))
     assert code == 3
     err = capsys.readouterr().err
     assert "over the 20,000-byte limit" in err and "artifact:" in err
@@ -100,7 +100,7 @@ def test_autofit_finds_a_clip_that_fits(trained_run, tiny_dataset, tmp_path, mon
     fitted = read_json(os.path.join(trained_run, "summary.json"))["artifact"]["total_bytes"]
     limit = fitted - 1500  # a little less than the unfitted artifact
     code = run_main(monkeypatch, dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path), EVAL_ONLY_PATH=str(ckpt),
-                                      ARTIFACT_LIMIT_BYTES=str(limit), ARTIFACT_AUTOFIT="1"))
+                                      ARTIFACT_LIMIT_BYTES=str(limit)))  # ARTIFACT_AUTOFIT=1 by default
     assert code == 0
     artifact = read_json(os.path.join(tmp_path, "summary.json"))["artifact"]
     assert artifact["total_bytes"] <= limit
@@ -220,7 +220,7 @@ def test_an_existing_artifact_over_the_limit_is_not_used(trained_run, tiny_datas
     limit = "20000"
     code = run_main(monkeypatch, dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path / "a"),
                                       EVAL_ONLY_PATH=os.path.join(trained_run, "final_model.pt"),
-                                      ARTIFACT_LIMIT_BYTES=limit))
+                                      ARTIFACT_LIMIT_BYTES=limit, ARTIFACT_AUTOFIT="0"))
     assert code == 3
     assert "quantizing again" in capsys.readouterr().out
     assert (tmp_path / "a" / "final_model.int6.ptz").is_file()  # the new one goes to ARTIFACT_DIR
