@@ -198,6 +198,7 @@ class Hyperparameters:
         self.ttt_o_lora = bool(get("TTT_O_LORA", 1, "0/1"))
         self.ttt_optimizer = get("TTT_OPTIMIZER", "adam")
         self.ttt_cuda_graphs = bool(get("TTT_CUDA_GRAPHS", 1, "0/1"))  # replay each chunk-step shape as a CUDA graph
+        self.ttt_compile = bool(get("TTT_COMPILE", 0, "0/1"))  # TTT's forward through torch.compile (graphs off)
         # phased TTT: after each of TTT_GLOBAL_PHASES equal parts of the first TTT_GLOBAL_PREFIX_DOCS scored
         # documents, one SGD epoch of the base weights over every document scored so far
         self.ttt_global_phases = get("TTT_GLOBAL_PHASES", 0, ">=0")
@@ -1262,10 +1263,15 @@ def rms_norm(x: Tensor) -> Tensor:
 _ROTARY_CACHE: dict = {}  # (rope_dims, base, device) -> cos/sin [2, longest length so far, rope_dims/2]
 
 
-def rotary_tables(positions: int, rope_dims: int, base: float, device) -> tuple[Tensor, Tensor]:
-    """cos/sin [positions, rope_dims/2] for partial RoPE (only the first rope_dims of a head rotate)."""
-    table = _rotary_table(positions, rope_dims, base, device)
-    return table[0], table[1]
+def rotary_tables(positions: int, rope_dims: int, base: float, device, bound: int = 0) -> tuple[Tensor, Tensor]:
+    """cos/sin [positions, rope_dims/2] for partial RoPE (only the first rope_dims of a head rotate).
+    bound > 0 (TTT_COMPILE's dynamic shapes, where `positions` is symbolic): under torch.compile
+    the graph slices the cached table of `bound` positions, built eagerly first (ttt_model_fn)."""
+    if bound and torch.compiler.is_compiling():
+        table = _ROTARY_CACHE[(rope_dims, float(base), torch.device(device))]
+    else:
+        table = _rotary_table(max(positions, bound), rope_dims, base, device)
+    return table[0, :positions], table[1, :positions]
 
 
 @torch.compiler.assume_constant_result
@@ -1472,6 +1478,7 @@ class GPT(nn.Module):
         kv_dim = self.head_dim * h.num_kv_heads
         hidden = int(h.mlp_mult * D)
         self.rope_dims, self.rope_base = h.rope_dims, h.rope_base
+        self.rope_bound = 0  # > 0: rows of symbolic length, at most this long (ttt_model_fn)
         self.logit_softcap, self.attn_backend = h.logit_softcap, attn_backend
         self.logit_softcap_neg = h.logit_softcap_neg or h.logit_softcap
         self.skip_gates_enabled, self.fused_mlp_enabled = h.skip_gates_enabled, h.fused_mlp
@@ -1612,7 +1619,7 @@ class GPT(nn.Module):
         """Final normed hidden states [B, T, D] for token ids [B, T]."""
         x = rms_norm(self.tok_emb(ids))
         x = x0 = self.smear_previous(x, ids) if self.smear else x
-        rope = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device)
+        rope = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device, self.rope_bound)
         encoder, decoder = self.layer_order()
         skips, lanes, slot = [], None, 0
         for l in encoder:
@@ -3311,7 +3318,8 @@ class TTTRunner:
 
     def __init__(self, model: GPT, h: Hyperparameters, device, graphs: bool, eager_from: float = TTT_EAGER_TOKENS):
         self.model, self.h, self.device, self.eager_from = model, h, device, eager_from
-        self.graphs_on = graphs and torch.device(device).type == "cuda"
+        # a compiled forward may compile again at a new shape, which a CUDA graph capture cannot hold
+        self.graphs_on = graphs and torch.device(device).type == "cuda" and not h.ttt_compile
         self.slots, self.graphs, self.pool, self.tokens = {}, {}, None, None
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.ci = torch.zeros((), dtype=torch.int64, device=device)
@@ -3766,14 +3774,26 @@ def evaluate_ttt(ctx: RunContext) -> dict:
         model.attn_backend = trained_with
 
 
+def ttt_model_fn(model: GPT, h: Hyperparameters, backend: str = "inductor"):
+    """The forward TTT calls: the model itself, or with TTT_COMPILE=1 the model through one
+    torch.compile with dynamic shapes (the slot count and the window change from step to step),
+    so each chunk step runs Inductor's fused kernels instead of ~4,400 eager ones."""
+    if not h.ttt_compile:
+        return model
+    model.rope_bound = h.ttt_eval_seq_len
+    rotary_tables(model.rope_bound, model.rope_dims, model.rope_base, model.tok_emb.weight.device, model.rope_bound)
+    return torch.compile(model, dynamic=True, backend=backend)
+
+
 def _evaluate_ttt(ctx: RunContext, h: Hyperparameters, log, model: GPT) -> dict:
-    warmup_s = warm_up_ttt(model, model, h, ctx.luts, ctx.device)
-    log(f"ttt_warmup:{warmup_s:.1f}s (synthetic tokens)")
-    result = timed_score(log, "ttt", lambda: eval_val_ttt(model, model, ctx.val_tokens, h, ctx.luts, ctx.device,
+    model_fn = ttt_model_fn(model, h)
+    warmup_s = warm_up_ttt(model_fn, model, h, ctx.luts, ctx.device)
+    log(f"ttt_warmup:{warmup_s:.1f}s (synthetic tokens{', compiling' if h.ttt_compile else ''})")
+    result = timed_score(log, "ttt", lambda: eval_val_ttt(model_fn, model, ctx.val_tokens, h, ctx.luts, ctx.device,
                                                           log))
     result.update(warmup_seconds=warmup_s, doc_fraction=h.val_doc_fraction)
     if h.val_doc_fraction < 1:  # the quantized score of the same sample, to measure the gain on it
-        base_loss, base_bpb = eval_val_ttt(model, model, ctx.val_tokens, h, ctx.luts, ctx.device, log, adapt=False)
+        base_loss, base_bpb = eval_val_ttt(model_fn, model, ctx.val_tokens, h, ctx.luts, ctx.device, log, adapt=False)
         result.update(sample_val_loss_without_ttt=base_loss, sample_val_bpb_without_ttt=base_bpb)
         log(f"ttt sample without adaptation val_loss:{base_loss:.5f} val_bpb:{base_bpb:.5f} "
             f"(TTT gain {result['val_bpb'] - base_bpb:+.5f} bpb)")

@@ -595,3 +595,26 @@ def test_global_adapt_learns_its_documents_only(setup):
     b = fresh()
     tg.ttt_global_adapt(b, scrambled(stream, others), mine, hp, CPU)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_compiled_forward_scores_and_trains_the_same(setup):
+    """TTT_COMPILE=1: the TTT forward through torch.compile with dynamic shapes (traced by Dynamo,
+    here with the eager backend: AOTAutograd and Inductor on CPU take minutes for this suite)
+    gives every target the loss of the eager forward, over a batch whose slot
+    count and window change from chunk to chunk; on a GPU, Inductor's kernels compute the same."""
+    h, model, luts, val = setup
+    tokens = docs_of_lengths(val, (60, 60))  # windows of 16 to 60 tokens; the last chunk untrained
+    batch = tg.split_documents(tokens)
+    sums, eager = run_ttt_batch(model, tokens, batch, h, luts)
+    torch._dynamo.reset()
+    compiled = tg.ttt_model_fn(model, hparams_like(h, ttt_compile=True), backend="eager")
+    assert compiled is not model and model.rope_bound == h.ttt_eval_seq_len
+    try:
+        got_sums, got = run_ttt_batch(compiled, tokens, batch, h, luts)
+    finally:
+        model.rope_bound = 0  # the module's shared model, as the other tests use it
+    for i, (a, b) in enumerate(zip(got, eager)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), f"document {i}: {float((a - b).abs().max()):.3g}"
+    assert got_sums[0] == pytest.approx(sums[0], rel=1e-6) and got_sums[1:] == sums[1:]
+    assert tg.ttt_model_fn(model, h) is model  # TTT_COMPILE=0: the model itself
+    assert not tg.TTTRunner(model, hparams_like(h, ttt_compile=True), "cpu", graphs=True).graphs_on
