@@ -647,6 +647,20 @@ def build_cu_seqlens(tokens: np.ndarray, max_doc_len: int, bucket: int = CU_SEQL
     return cu.astype(np.int32), int(np.diff(cu).max())
 
 
+def hold_out_place(paths: list[str], span: int, hold_out: int) -> tuple[int, int]:
+    """(shard, start) of the training data held out for EMA_SELECT: the last shard with a BOS that
+    leaves hold_out global spans after it and one span to train on before it."""
+    for index in reversed(range(len(paths))):
+        tokens = read_shard(paths[index])
+        bos = np.flatnonzero(tokens == BOS_ID)
+        fits = bos[(bos <= len(tokens) - hold_out * span) & (bos >= bos[:1] + span)]
+        if fits.size:
+            return index, int(fits[-1])
+    raise ConfigError(f"none of the {len(paths)} training shards (the last: {paths[-1]}) holds EMA_SELECT={hold_out} "
+                      f"held-out batches of {span} tokens and one more to train on; lower EMA_SELECT or use "
+                      f"larger shards")
+
+
 class DocumentPackingLoader:
     """Sequential packed rows for training.
 
@@ -669,7 +683,7 @@ class DocumentPackingLoader:
         self.device = torch.device(device)
         self.span = world_size * (local_tokens + 1)
         self.hold_out = hold_out
-        self.held_shard, self.held_start = self._hold_out_place() if hold_out else (None, None)
+        self.held_shard, self.held_start = hold_out_place(self.paths, self.span, hold_out) if hold_out else (None, None)
         self._shard_pool = concurrent.futures.ThreadPoolExecutor(1)
         self._batch_pool = concurrent.futures.ThreadPoolExecutor(1)
         self.shard_index = -1
@@ -689,18 +703,6 @@ class DocumentPackingLoader:
             raise ConfigError(f"{self.paths[index]}: {len(tokens)} tokens{held} cannot fill one global batch of "
                               f"{self.span}; lower TRAIN_BATCH_TOKENS or use larger shards")
         return tokens, int(bos[0])
-
-    def _hold_out_place(self) -> tuple[int, int]:
-        """(shard, start) of the held-out tail: the last shard with a BOS that leaves hold_out spans
-        after it and one span for training before it."""
-        for index in reversed(range(len(self.paths))):
-            tokens = read_shard(self.paths[index])
-            bos = np.flatnonzero(tokens == BOS_ID)
-            fits = bos[(bos <= len(tokens) - self.hold_out * self.span) & (bos >= bos[:1] + self.span)]
-            if fits.size:
-                return index, int(fits[-1])
-        raise ConfigError(f"no training shard of {self.paths[0]} ... holds EMA_SELECT={self.hold_out} held-out "
-                          f"batches of {self.span} tokens besides one for training; lower EMA_SELECT or use larger shards")
 
     def held_out_batches(self) -> list[tuple[Tensor, Tensor, Tensor, int]]:
         """The hold_out micro-batches (this rank's slice of each held-out span), cut as next_batch cuts."""
@@ -817,6 +819,8 @@ def check_data(h: Hyperparameters, need_train: bool = True) -> None:
             raise ConfigError(f"no shards match {pattern} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}): {fetch}")
         for path in shard_paths(pattern):
             read_shard(path)  # header against file size; raises ShardError naming the file
+    if need_train and h.ema_select:
+        hold_out_place(shard_paths(h.train_files), h.world_size * (h.local_batch_tokens + 1), h.ema_select)
     if not os.path.isfile(h.tokenizer_path):
         raise ConfigError(f"tokenizer {h.tokenizer_path} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}) "
                           f"does not exist: {fetch}")

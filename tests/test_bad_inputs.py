@@ -102,6 +102,7 @@ CASES = [
     ("unknown lane merge", {"PARALLEL_FINAL_LANE": "sum"}, 2, ["PARALLEL_FINAL_LANE='sum'"]),
     ("unknown compressor", {"COMPRESSOR": "zstd"}, 2, ["COMPRESSOR='zstd'"]),
     ("stride 0", {"EVAL_STRIDE": "0"}, 2, ["EVAL_STRIDE=0"]),
+    ("held-out batches beyond the data", {"EMA_SELECT": "100000"}, 2, ["EMA_SELECT=100000", "lower EMA_SELECT"]),
     ("TTT window under a chunk", {"TTT_EVAL_SEQ_LEN": "8", "TTT_CHUNK_SIZE": "16"}, 2, ["TTT_EVAL_SEQ_LEN=8"]),
     ("budget inside the GPTQ reserve", {"MAX_WALLCLOCK_SECONDS": "10"}, 2, ["MAX_WALLCLOCK_SECONDS=10"]),
     ("FA3 requested on CPU", {"ATTN_BACKEND": "fa3"}, 2, ["ATTN_BACKEND=fa3", "not available"]),
