@@ -179,7 +179,7 @@ class Hyperparameters:
         self.embed_wd = get("EMBED_WD", 0.085, ">=0")
         self.ema_decay = get("EMA_DECAY", 0.9965, "[0,1)")
         self.ema_select = get("EMA_SELECT", 4, ">=0")  # >0: keep EMA or live weights, whichever has the lower
-        # loss on this many unseen training micro-batches (never validation data)
+        # loss on this many held-out training micro-batches (never trained on, never validation data)
         # test-time training
         self.ttt_enabled = bool(get("TTT_ENABLED", 1, "0/1"))
         self.ttt_lora_rank = get("TTT_LORA_RANK", 96, ">=1")
@@ -704,16 +704,20 @@ class DocumentPackingLoader:
                               f"{self.span}; lower TRAIN_BATCH_TOKENS or use larger shards")
         return tokens, int(bos[0])
 
+    def _rank_slice(self, tokens: np.ndarray, span_start: int, max_doc_len: int) -> tuple[list[Tensor], int]:
+        """This rank's n + 1 tokens of the global span at span_start: [inputs, targets, cu_seqlens]
+        (CPU) and the longest segment."""
+        start = span_start + self.rank * (self.n + 1)
+        chunk = torch.from_numpy(tokens[start:start + self.n + 1].astype(np.int64))
+        cu, max_len = build_cu_seqlens(chunk[:-1].numpy(), max_doc_len)
+        return [chunk[:-1], chunk[1:], torch.from_numpy(cu)], max_len
+
     def held_out_batches(self) -> list[tuple[Tensor, Tensor, Tensor, int]]:
         """The hold_out micro-batches (this rank's slice of each held-out span), cut as next_batch cuts."""
-        tokens, out = read_shard(self.paths[self.held_shard]), []
-        for k in range(self.hold_out):
-            a = self.held_start + k * self.span + self.rank * (self.n + 1)
-            chunk = torch.from_numpy(tokens[a:a + self.n + 1].astype(np.int64))
-            cu, max_len = build_cu_seqlens(chunk[:-1].numpy(), self.max_doc_len)
-            out.append((chunk[:-1].to(self.device), chunk[1:].to(self.device), torch.from_numpy(cu).to(self.device),
-                        max_len))
-        return out
+        tokens = read_shard(self.paths[self.held_shard])
+        batches = [self._rank_slice(tokens, self.held_start + k * self.span, self.max_doc_len)
+                   for k in range(self.hold_out)]
+        return [(*(t.to(self.device) for t in batch), max_len) for batch, max_len in batches]
 
     def _advance_shard(self):
         self.shard_index = (self.shard_index + 1) % len(self.paths)
@@ -723,12 +727,9 @@ class DocumentPackingLoader:
     def _prepare(self):
         if self.cursor + self.span > len(self.tokens):
             self._advance_shard()
-        start = self.cursor + self.rank * (self.n + 1)
-        chunk = torch.from_numpy(self.tokens[start:start + self.n + 1].astype(np.int64))
-        self.cursor += self.span
         max_doc_len = self.max_doc_len
-        cu, max_len = build_cu_seqlens(chunk[:-1].numpy(), max_doc_len)
-        batch = [chunk[:-1], chunk[1:], torch.from_numpy(cu)]
+        batch, max_len = self._rank_slice(self.tokens, self.cursor, max_doc_len)
+        self.cursor += self.span
         if self.device.type == "cuda":
             batch = [t.pin_memory() for t in batch]
         return batch, max_len, max_doc_len
