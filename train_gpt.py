@@ -647,7 +647,8 @@ def build_cu_seqlens(tokens: np.ndarray, max_doc_len: int, bucket: int = CU_SEQL
     return cu.astype(np.int32), int(np.diff(cu).max())
 
 
-def hold_out_place(paths: list[str], span: int, hold_out: int) -> tuple[int, int]:
+@functools.lru_cache(maxsize=4)  # check_data and every loader of a run ask; each answer scans a shard
+def hold_out_place(paths: tuple[str, ...], span: int, hold_out: int) -> tuple[int, int]:
     """(shard, start) of the training data held out for EMA_SELECT: the last shard with a BOS that
     leaves hold_out global spans after it and one span to train on before it."""
     for index in reversed(range(len(paths))):
@@ -683,7 +684,7 @@ class DocumentPackingLoader:
         self.device = torch.device(device)
         self.span = world_size * (local_tokens + 1)
         self.hold_out = hold_out
-        self.held_shard, self.held_start = hold_out_place(self.paths, self.span, hold_out) if hold_out else (None, None)
+        self.held_shard, self.held_start = hold_out_place(tuple(self.paths), self.span, hold_out) if hold_out else (None, None)
         self._shard_pool = concurrent.futures.ThreadPoolExecutor(1)
         self._batch_pool = concurrent.futures.ThreadPoolExecutor(1)
         self.shard_index = -1
@@ -821,7 +822,7 @@ def check_data(h: Hyperparameters, need_train: bool = True) -> None:
         for path in shard_paths(pattern):
             read_shard(path)  # header against file size; raises ShardError naming the file
     if need_train and h.ema_select:
-        hold_out_place(shard_paths(h.train_files), h.world_size * (h.local_batch_tokens + 1), h.ema_select)
+        hold_out_place(tuple(shard_paths(h.train_files)), h.world_size * (h.local_batch_tokens + 1), h.ema_select)
     if not os.path.isfile(h.tokenizer_path):
         raise ConfigError(f"tokenizer {h.tokenizer_path} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}) "
                           f"does not exist: {fetch}")
