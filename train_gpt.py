@@ -1274,10 +1274,14 @@ def rotary_tables(positions: int, rope_dims: int, base: float, device, bound: in
     bound > 0 (TTT_COMPILE's dynamic shapes, where `positions` is symbolic): under torch.compile
     the graph slices the cached table of `bound` positions, built eagerly first (ttt_model_fn)."""
     if bound and torch.compiler.is_compiling():
-        table = _ROTARY_CACHE[(rope_dims, float(base), torch.device(device))]
+        table = _ROTARY_CACHE[_rotary_key(rope_dims, base, device)]
     else:
         table = _rotary_table(max(positions, bound), rope_dims, base, device)
     return table[0, :positions], table[1, :positions]
+
+
+def _rotary_key(rope_dims: int, base: float, device) -> tuple:
+    return rope_dims, float(base), torch.device(device)
 
 
 @torch.compiler.assume_constant_result
@@ -1288,7 +1292,7 @@ def _rotary_table(positions: int, rope_dims: int, base: float, device) -> Tensor
     its forward nor its backward recomputes cos/sin from arange (the backward did, per element of
     q and k in every layer: 42.5 ms of an 852 ms training step on an H200)."""
     # RoPE: Su et al. 2021, arXiv:2104.09864; partial (16 of 64 dims) as in the record stack
-    key = (rope_dims, float(base), torch.device(device))
+    key = _rotary_key(rope_dims, base, device)
     table = _ROTARY_CACHE.get(key)
     if table is None or table.size(1) < positions:
         # inference_mode(False): a table first built while evaluating must still serve training
@@ -3787,7 +3791,7 @@ def ttt_model_fn(model: GPT, h: Hyperparameters, backend: str = "inductor"):
     if not h.ttt_compile:
         return model
     model.rope_bound = h.ttt_eval_seq_len
-    rotary_tables(model.rope_bound, model.rope_dims, model.rope_base, model.tok_emb.weight.device, model.rope_bound)
+    _rotary_table(model.rope_bound, model.rope_dims, model.rope_base, model.tok_emb.weight.device)  # into the cache
     return torch.compile(model, dynamic=True, backend=backend)
 
 
