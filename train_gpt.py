@@ -1269,19 +1269,10 @@ def rms_norm(x: Tensor) -> Tensor:
 _ROTARY_CACHE: dict = {}  # (rope_dims, base, device) -> cos/sin [2, longest length so far, rope_dims/2]
 
 
-def rotary_tables(positions: int, rope_dims: int, base: float, device, bound: int = 0) -> tuple[Tensor, Tensor]:
-    """cos/sin [positions, rope_dims/2] for partial RoPE (only the first rope_dims of a head rotate).
-    bound > 0 (TTT_COMPILE's dynamic shapes, where `positions` is symbolic): under torch.compile
-    the graph slices the cached table of `bound` positions, built eagerly first (ttt_model_fn)."""
-    if bound and torch.compiler.is_compiling():
-        table = _ROTARY_CACHE[_rotary_key(rope_dims, base, device)]
-    else:
-        table = _rotary_table(max(positions, bound), rope_dims, base, device)
+def rotary_tables(positions: int, rope_dims: int, base: float, device) -> tuple[Tensor, Tensor]:
+    """cos/sin [positions, rope_dims/2] for partial RoPE (only the first rope_dims of a head rotate)."""
+    table = _rotary_table(positions, rope_dims, base, device)
     return table[0, :positions], table[1, :positions]
-
-
-def _rotary_key(rope_dims: int, base: float, device) -> tuple:
-    return rope_dims, float(base), torch.device(device)
 
 
 @torch.compiler.assume_constant_result
@@ -1292,7 +1283,7 @@ def _rotary_table(positions: int, rope_dims: int, base: float, device) -> Tensor
     its forward nor its backward recomputes cos/sin from arange (the backward did, per element of
     q and k in every layer: 42.5 ms of an 852 ms training step on an H200)."""
     # RoPE: Su et al. 2021, arXiv:2104.09864; partial (16 of 64 dims) as in the record stack
-    key = _rotary_key(rope_dims, base, device)
+    key = rope_dims, float(base), torch.device(device)
     table = _ROTARY_CACHE.get(key)
     if table is None or table.size(1) < positions:
         # inference_mode(False): a table first built while evaluating must still serve training
@@ -1320,6 +1311,15 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     y = y.unflatten(-2, (v.size(-2), group))
     v_hat = F.normalize(v, dim=-1).unsqueeze(-2)
     return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).flatten(-3, -2)
+
+
+def with_lora(y: Tensor, adapters: dict | None, name: str, x: Tensor) -> Tensor:
+    """y plus the LoRA change B (A x) of adapter `name`, if this slot's adapters (BatchedLoRA.slot:
+    name -> (A [docs, r, in], B [docs, out, r])) have it; y itself otherwise."""
+    if not adapters or name not in adapters:
+        return y
+    A, B = adapters[name]
+    return y + torch.bmm(torch.bmm(x, A.to(x.dtype).mT), B.to(x.dtype).mT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1488,7 +1488,7 @@ class GPT(nn.Module):
         kv_dim = self.head_dim * h.num_kv_heads
         hidden = int(h.mlp_mult * D)
         self.rope_dims, self.rope_base = h.rope_dims, h.rope_base
-        self.rope_bound = 0  # > 0: rows of symbolic length, at most this long (ttt_model_fn)
+        self.regions = None  # (sequential, parallel) block functions to call instead of the methods (TTT_COMPILE)
         self.logit_softcap, self.attn_backend = h.logit_softcap, attn_backend
         self.logit_softcap_neg = h.logit_softcap_neg or h.logit_softcap
         self.skip_gates_enabled, self.fused_mlp_enabled = h.skip_gates_enabled, h.fused_mlp
@@ -1498,6 +1498,7 @@ class GPT(nn.Module):
         self.xsa_first = L - h.xsa_last_n
         self.looping = False  # switched on by the training loop at ENABLE_LOOPING_AT
         self.capture = None  # Hessian collection: capture(key, input) sees each matrix's input (weights_reading)
+        self.capture_layer = 0  # the physical layer whose block runs (capture keys only)
         ln = [1 / math.sqrt(i + 1) if h.ln_scale else 1.0 for i in range(L)]
         self.register_buffer("ln_scales", torch.tensor(ln), persistent=False)
 
@@ -1546,66 +1547,76 @@ class GPT(nn.Module):
         return order[:middle], order[middle:]
 
     # -- sublayers ---------------------------------------------------------------------------
-    def attn(self, l: int, x: Tensor, rope, cu_seqlens, max_seqlen, lora, slot) -> Tensor:
-        L, hd = self.num_layers, self.head_dim
+    def block_weights(self, l: int, dtype) -> dict[str, Tensor]:
+        """Layer l's tensors as its block reads them, cast to the activations' dtype (the RMSNorm
+        input scale stays fp32). A block takes them as arguments, so one compiled block serves
+        every layer (TTT_COMPILE's regions) and never specializes on a layer index."""
+        L = self.num_layers
+        w = dict(q=self.qo_bank[l], k=self.kv_bank[l], v=self.kv_bank[L + l], o=self.qo_bank[L + l],
+                 up=self.mlp_up_bank[l], down=self.mlp_down_bank[l], q_gain=self.q_gain[l],
+                 attn_scale=self.attn_scale[l], mlp_scale=self.mlp_scale[l], mix=self.resid_mix[l],
+                 post=self.parallel_post_lambdas[l], resid=self.parallel_resid_lambdas[l])
+        if hasattr(self, "attn_gate"):
+            w["gate"] = self.attn_gate[l]
+        w = {name: t.to(dtype) for name, t in w.items()}
+        w["ln"] = self.ln_scales[l]
+        return w
+
+    def attn(self, w: dict, x: Tensor, rope, cu_seqlens, max_seqlen, adapters, xsa: bool) -> Tensor:
+        hd = self.head_dim
         if self.capture:
-            self.capture(f"blocks.{l}.attn.c_qkv", x)
-        q = F.linear(x, self.qo_bank[l].to(x.dtype))
-        k = F.linear(x, self.kv_bank[l].to(x.dtype))
-        v = F.linear(x, self.kv_bank[L + l].to(x.dtype))
-        if lora is not None:
-            q, k, v = q + lora.delta("q", slot, x), k + lora.delta("k", slot, x), v + lora.delta("v", slot, x)
+            self.capture(f"blocks.{self.capture_layer}.attn.c_qkv", x)
+        q = with_lora(F.linear(x, w["q"]), adapters, "q", x)
+        k = with_lora(F.linear(x, w["k"]), adapters, "k", x)
+        v = with_lora(F.linear(x, w["v"]), adapters, "v", x)
         q = rms_norm(q.unflatten(-1, (self.num_heads, hd)))
         k = rms_norm(k.unflatten(-1, (self.num_kv_heads, hd)))
         v = v.unflatten(-1, (self.num_kv_heads, hd))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q = q * self.q_gain[l].to(q.dtype)[:, None]
+        q = q * w["q_gain"][:, None]
         y = causal_attention(q, k, v, cu_seqlens, max_seqlen, self.attn_backend)
-        if l >= self.xsa_first:
+        if xsa:
             y = exclusive_self_attention(y, v)
-        if hasattr(self, "attn_gate"):  # per-head output gate (gated attention: Qiu et al. 2025, arXiv:2505.06708)
-            g = F.linear(x[..., :self.attn_gate.size(-1)], self.attn_gate[l].to(x.dtype))
+        if "gate" in w:  # per-head output gate (gated attention: Qiu et al. 2025, arXiv:2505.06708)
+            g = F.linear(x[..., :w["gate"].size(-1)], w["gate"])
             if self.attn_gate_scale is None:  # dense: the whole normed input (PR #1736's form), starts at 1
                 y = y * (2 * torch.sigmoid(g))[..., None]
             else:  # sparse: its first 12 channels, sigmoid(scale * g), starts at 1/2 (PR #1787; scale 0.5: #1855)
                 y = y * torch.sigmoid(self.attn_gate_scale * g)[..., None]
         y = y.flatten(-2)
         if self.capture:
-            self.capture(f"blocks.{l}.attn.proj", y)
-        out = F.linear(y, self.qo_bank[L + l].to(x.dtype))
-        if lora is not None:
-            out = out + lora.delta("o", slot, x)  # the "O" adapter reads the normed block input
-        return out
+            self.capture(f"blocks.{self.capture_layer}.attn.proj", y)
+        return with_lora(F.linear(y, w["o"]), adapters, "o", x)  # the "O" adapter reads the normed block input
 
-    def mlp(self, l: int, x: Tensor, lora, slot) -> Tensor:
-        up, down = self.mlp_up_bank[l].to(x.dtype), self.mlp_down_bank[l].to(x.dtype)
+    def mlp(self, w: dict, x: Tensor, adapters) -> Tensor:
+        up, down = w["up"], w["down"]
         if self.capture:
-            self.capture(f"blocks.{l}.mlp.fc", x)
+            self.capture(f"blocks.{self.capture_layer}.mlp.fc", x)
             hidden = F.leaky_relu(F.linear(x, up), 0.5).square()
-            self.capture(f"blocks.{l}.mlp.proj", hidden)
+            self.capture(f"blocks.{self.capture_layer}.mlp.proj", hidden)
             out = F.linear(hidden, down)
         elif self.fused_mlp_enabled and self.training and x.is_cuda and x.dtype == torch.bfloat16 and triton is not None:
             out = fused_mlp(x, up, down)
         else:
             out = eager_mlp(x, up, down)
-        if lora is not None:
-            out = out + lora.delta("mlp", slot, x)
-        return out
+        return with_lora(out, adapters, "mlp", x)
 
-    def sequential_block(self, l, x, x0, args) -> Tensor:
-        mix, s = self.resid_mix[l].to(x.dtype), self.ln_scales[l]
+    def sequential_block(self, w: dict, x, x0, rope, cu_seqlens, max_seqlen, adapters, xsa) -> Tensor:
+        mix, s = w["mix"], w["ln"]
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale[l].to(x.dtype) * self.attn(l, rms_norm(x) * s, *args)
-        return x + self.mlp_scale[l].to(x.dtype) * self.mlp(l, rms_norm(x) * s, args[-2], args[-1])
+        x = x + w["attn_scale"] * self.attn(w, rms_norm(x) * s, rope, cu_seqlens, max_seqlen, adapters, xsa)
+        return x + w["mlp_scale"] * self.mlp(w, rms_norm(x) * s, adapters)
 
-    def parallel_block(self, l, lane0, lane1, x0, args) -> tuple[Tensor, Tensor]:
+    def parallel_block(self, w: dict, lane0, lane1, x0, rope, cu_seqlens, max_seqlen, adapters,
+                       xsa) -> tuple[Tensor, Tensor]:
         """Two-lane parallel residual: attention reads lane0 (mixed with x0), the MLP reads lane1;
         both outputs are written into both lanes with learned weights."""
         # parallel residuals: PR #1412, the two-lane form of PR #1529
-        mix, s = self.resid_mix[l].to(lane0.dtype), self.ln_scales[l]
-        a = self.attn_scale[l].to(lane0.dtype) * self.attn(l, rms_norm(mix[0] * lane0 + mix[1] * x0) * s, *args)
-        m = self.mlp_scale[l].to(lane0.dtype) * self.mlp(l, rms_norm(lane1) * s, args[-2], args[-1])
-        post, resid = self.parallel_post_lambdas[l].to(a.dtype), self.parallel_resid_lambdas[l].to(a.dtype)
+        mix, s = w["mix"], w["ln"]
+        a = w["attn_scale"] * self.attn(w, rms_norm(mix[0] * lane0 + mix[1] * x0) * s, rope, cu_seqlens, max_seqlen,
+                                        adapters, xsa)
+        m = w["mlp_scale"] * self.mlp(w, rms_norm(lane1) * s, adapters)
+        post, resid = w["post"], w["resid"]
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
 
@@ -1626,18 +1637,28 @@ class GPT(nn.Module):
 
     # -- full model --------------------------------------------------------------------------
     def hidden(self, ids: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0, lora=None) -> Tensor:
-        """Final normed hidden states [B, T, D] for token ids [B, T]."""
+        """Final normed hidden states [B, T, D] for token ids [B, T]. lora: a BatchedLoRA (TTT), one
+        adapter set per virtual layer."""
         x = rms_norm(self.tok_emb(ids))
         x = x0 = self.smear_previous(x, ids) if self.smear else x
-        rope = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device, self.rope_bound)
+        rope = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device)
+        sequential, parallel = self.regions or (self.sequential_block, self.parallel_block)
+        if self.regions and not x.requires_grad:
+            # TTT's frozen embedding: the first block then takes what every later one takes (not x0
+            # itself, and an input with grad where grad is on), so one compiled block serves them all
+            x = x.detach().requires_grad_(torch.is_grad_enabled())
         encoder, decoder = self.layer_order()
-        skips, lanes, slot = [], None, 0
-        for l in encoder:
-            x = self.sequential_block(l, x, x0, (rope, cu_seqlens, max_seqlen, lora, slot))
-            skips.append(x)
-            slot += 1
-        for j, l in enumerate(decoder):
-            args = (rope, cu_seqlens, max_seqlen, lora, slot)
+        skips, lanes = [], None
+        for slot, l in enumerate(encoder + decoder):
+            if self.capture:
+                self.capture_layer = l
+            args = (rope, cu_seqlens, max_seqlen, lora.slot(slot) if lora is not None else None, l >= self.xsa_first)
+            w = self.block_weights(l, x.dtype)
+            if slot < len(encoder):
+                x = sequential(w, x, x0, *args)
+                skips.append(x)
+                continue
+            j = slot - len(encoder)
             if lanes is None and 0 < self.parallel_start <= l:
                 lanes = (x, x)
             if skips:
@@ -1646,10 +1667,9 @@ class GPT(nn.Module):
                 else:
                     lanes = (self.merge_skip(j, lanes[0], skips.pop()), lanes[1])
             if lanes is None:
-                x = self.sequential_block(l, x, x0, args)
+                x = sequential(w, x, x0, *args)
             else:
-                lanes = self.parallel_block(l, *lanes, x0, args)
-            slot += 1
+                lanes = parallel(w, *lanes, x0, *args)
         if lanes is not None:
             x = {"mean": lambda: 0.5 * (lanes[0] + lanes[1]), "attn": lambda: lanes[0],
                  "mlp": lambda: lanes[1]}[self.parallel_final_lane]()
@@ -1662,7 +1682,7 @@ class GPT(nn.Module):
     def logits(self, hidden: Tensor, lora=None) -> Tensor:
         logits = self.head(hidden)
         if lora is not None:
-            logits = logits + lora.delta("head", 0, hidden)
+            logits = with_lora(logits, lora.slot(0, head=True), "head", hidden)
         return softcap(logits.float(), self.logit_softcap, self.logit_softcap_neg)
 
     def forward(self, ids: Tensor, targets: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0,
@@ -3101,9 +3121,11 @@ class BatchedLoRA:
             i += len(group)
         return out
 
-    def delta(self, name: str, slot: int, x: Tensor) -> Tensor:
-        A, B = self.leaves["A", name][slot].to(x.dtype), self.leaves["B", name][slot].to(x.dtype)
-        return torch.bmm(torch.bmm(x, A.mT), B.mT)
+    def slot(self, slot: int, head: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
+        """One virtual layer's adapters (or, head=True, the head's): name -> (A, B) leaves. Every
+        layer's dict has the same names, so a compiled block takes any of them."""
+        names = ["head"] if head else [name for name in self.A if name != "head"]
+        return {name: (self.leaves["A", name][slot], self.leaves["B", name][slot]) for name in names}
 
     @torch.no_grad()
     def reset(self):
@@ -3129,17 +3151,6 @@ def lora_shapes(model: GPT, h: Hyperparameters) -> dict[str, tuple[int, int, int
     if h.ttt_mlp_lora:
         shapes["mlp"] = (slots, D, D)
     return shapes
-
-
-class OptionalLoRA:
-    """Adapters switched off by TTT_Q_LORA / TTT_K_LORA / TTT_V_LORA / TTT_O_LORA / TTT_MLP_LORA
-    contribute nothing."""
-
-    def __init__(self, lora: BatchedLoRA):
-        self.lora = lora
-
-    def delta(self, name: str, slot: int, x: Tensor):
-        return self.lora.delta(name, slot, x) if name in self.lora.A else 0.0
 
 
 class LoRAOptimizer:
@@ -3265,7 +3276,6 @@ class TTTSlots:
     def __init__(self, model: GPT, h: Hyperparameters, size: int, device):
         self.size = size
         self.lora = BatchedLoRA(lora_shapes(model, h), size, h.ttt_lora_rank, device, h.seed)
-        self.adapters = OptionalLoRA(self.lora)
         self.opt = LoRAOptimizer(self.lora.tensors(), h)
         self.docs = torch.zeros(3, size, dtype=torch.int64, device=device)  # start, pred_len, chunks
 
@@ -3302,7 +3312,7 @@ def ttt_chunk_step(model_fn, tokens: Tensor, slots: TTTSlots, ci, context: int, 
     device = tokens.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False), \
             torch.set_grad_enabled(train):
-        loss = model_fn(x, y, None, 0, slots.adapters, at)  # [n, chunk]: only the chunk's targets
+        loss = model_fn(x, y, None, 0, slots.lora, at)  # [n, chunk]: only the chunk's targets
     with torch.no_grad():  # score first, before any update on this chunk
         nbytes = torch.where(scored, target_bytes(x.gather(1, at), y.gather(1, at), luts), 0)
         sums += torch.stack([torch.where(scored, loss.detach().double(), 0).sum(), nbytes.sum().double(),
@@ -3328,16 +3338,16 @@ class TTTRunner:
 
     def __init__(self, model: GPT, h: Hyperparameters, device, graphs: bool, eager_from: float = TTT_EAGER_TOKENS):
         self.model, self.h, self.device, self.eager_from = model, h, device, eager_from
-        # a compiled forward may compile again at a new shape, which a CUDA graph capture cannot hold
-        self.graphs_on = graphs and torch.device(device).type == "cuda" and not h.ttt_compile
-        self.slots, self.graphs, self.pool, self.tokens = {}, {}, None, None
+        self.graphs_on = graphs and torch.device(device).type == "cuda"
+        self.slots, self.graphs, self.pool, self.tokens, self.seen = {}, {}, None, None, set()
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.ci = torch.zeros((), dtype=torch.int64, device=device)
         self.score_on = torch.ones((), dtype=torch.float64, device=device)
         self.progress = None  # progress(ci, chunks): called about every 30 s inside a long batch
 
     def slots_for(self, n: int) -> TTTSlots:
-        size = ttt_slot_bucket(n)
+        # compiled blocks: never one slot, which torch.compile would specialize and compile again
+        size = ttt_slot_bucket(max(n, 2) if self.h.ttt_compile else n)
         if size not in self.slots:
             self.slots[size] = TTTSlots(self.model, self.h, size, self.device)
         return self.slots[size]
@@ -3355,6 +3365,9 @@ class TTTRunner:
             self.graphs.clear()
             self.tokens = tokens
         key = (slots.size, context, train)
+        if self.h.ttt_compile and key not in self.seen:
+            self.seen.add(key)  # a compiled block may compile again at a new shape: never inside a capture
+            return run()
         if key not in self.graphs:
             self.pool = self.pool or torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
@@ -3785,14 +3798,29 @@ def evaluate_ttt(ctx: RunContext) -> dict:
 
 
 def ttt_model_fn(model: GPT, h: Hyperparameters, backend: str = "inductor"):
-    """The forward TTT calls: the model itself, or with TTT_COMPILE=1 the model through one
-    torch.compile with dynamic shapes (the slot count and the window change from step to step),
-    so each chunk step runs Inductor's fused kernels instead of ~4,400 eager ones."""
+    """The forward TTT calls: the model itself; with TTT_COMPILE=1 its two kinds of block (sequential
+    and parallel) each go through torch.compile once and serve every layer, taking the layer's
+    weights and adapters as arguments (regional compilation), with the slot count and the window
+    marked dynamic. Compiling the whole 17-layer model with dynamic shapes instead had not finished
+    its warmup after 6 minutes on an H200. model.regions = None undoes it."""
     if not h.ttt_compile:
+        model.regions = None
         return model
-    model.rope_bound = h.ttt_eval_seq_len
-    _rotary_table(model.rope_bound, model.rope_dims, model.rope_base, model.tok_emb.weight.device)  # into the cache
-    return torch.compile(model, dynamic=True, backend=backend)
+
+    def region(block):
+        compiled = torch.compile(block, backend=backend)
+
+        def call(w, *args):  # args: activations..., rope, cu_seqlens, max_seqlen, adapters, xsa
+            for t in args[:-5]:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+            for t in list(args[-5]) + [t for pair in (args[-2] or {}).values() for t in pair]:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            return compiled(w, *args)
+        return call
+
+    model.regions = (region(model.sequential_block), region(model.parallel_block))
+    return model
 
 
 def _evaluate_ttt(ctx: RunContext, h: Hyperparameters, log, model: GPT) -> dict:

@@ -146,11 +146,10 @@ def test_tiny_layer_order_and_forward_visits_it():
     for looping in (False, True):
         m.looping = looping
         visited = []
-        for name in ("sequential_block", "parallel_block"):
-            original = getattr(m, name)
-            setattr(m, name, lambda l, *a, _f=original: visited.append(l) or _f(l, *a))
+        original = m.block_weights
+        m.block_weights = lambda l, dtype: visited.append(l) or original(l, dtype)  # read once per block
         m.hidden(ids)
-        del m.sequential_block, m.parallel_block
+        del m.block_weights
         encoder, decoder = m.layer_order()
         assert visited == encoder + decoder
 
@@ -422,6 +421,11 @@ def test_smear_gate_starts_as_the_identity_and_mixes_in_the_previous_token():
     torch.testing.assert_close(got[0, 5], x[0, 5] + share * x[0, 4])
 
 
+def attn_of(model, l, x, rope):
+    """Layer l's attention sublayer on x, as its block calls it."""
+    return model.attn(model.block_weights(l, x.dtype), x, rope, None, 0, None, l >= model.xsa_first)
+
+
 def test_attention_output_gate_starts_open_and_scales_each_head():
     """ATTN_OUT_GATE=1: head h's output times 2 sigmoid(w_h . x), x the block's normed input; zero
     weights give exactly the model without it."""
@@ -436,9 +440,9 @@ def test_attention_output_gate_starts_open_and_scales_each_head():
         x = torch.randn(2, 12, 64)
         captured = {}
         gated.capture = lambda key, t: captured.setdefault(key, t)  # the input of the output projection
-        gated.attn(0, x, rope, None, 0, None, 0)
+        attn_of(gated, 0, x, rope)
         plain.capture = lambda key, t: captured.setdefault("plain_" + key, t)
-        plain.attn(0, x, rope, None, 0, None, 0)
+        attn_of(plain, 0, x, rope)
     gate = 2 * torch.sigmoid(x @ gated.attn_gate[0].T)  # [2, 12, heads]
     expected = (captured["plain_blocks.0.attn.proj"].unflatten(-1, (4, 16)) * gate[..., None]).flatten(-2)
     torch.testing.assert_close(captured["blocks.0.attn.proj"], expected)
@@ -459,7 +463,7 @@ def test_sparse_attention_gate_reads_twelve_channels_and_starts_at_one_half():
             gated.attn_gate.copy_(w)
             captured = {}
             gated.capture = lambda key, t: captured.setdefault(key, t)  # the input of the output projection
-            gated.attn(0, x, rope, None, 0, None, 0)
+            attn_of(gated, 0, x, rope)
             outs.append(captured["blocks.0.attn.proj"].unflatten(-1, (4, 16)))
     ungated = 2 * outs[0]  # sigmoid(0) = 1/2
     gate = torch.sigmoid(0.5 * (x[..., :12] @ weights[0].T))  # [2, 12, heads]
@@ -490,18 +494,19 @@ def _block_inputs(model, T=21, seed=6):
     D = model.qo_bank.size(-1)
     lane0, lane1, x0 = (torch.randn(1, T, D, generator=g) for _ in range(3))
     rope = tg.rotary_tables(T, model.rope_dims, model.rope_base, "cpu")
-    return lane0, lane1, x0, (rope, None, 0, None, 0)
+    return lane0, lane1, x0, (rope, None, 0, None)  # then xsa: l >= model.xsa_first
 
 
 def test_sequential_block_formula():
     model = tiny_model()
     x, _, x0, args = _block_inputs(model)
     l = 1
+    w, args = model.block_weights(l, x.dtype), args + (l >= model.xsa_first,)
     s, mix = 1 / math.sqrt(l + 1), model.resid_mix[l]
     x_in = mix[0] * x + mix[1] * x0
-    x_mid = x_in + model.attn_scale[l] * model.attn(l, F.rms_norm(x_in, (64,)) * s, *args)
-    expected = x_mid + model.mlp_scale[l] * model.mlp(l, F.rms_norm(x_mid, (64,)) * s, None, 0)
-    torch.testing.assert_close(model.sequential_block(l, x, x0, args), expected, atol=1e-5, rtol=1e-5)
+    x_mid = x_in + model.attn_scale[l] * model.attn(w, F.rms_norm(x_in, (64,)) * s, *args)
+    expected = x_mid + model.mlp_scale[l] * model.mlp(w, F.rms_norm(x_mid, (64,)) * s, None)
+    torch.testing.assert_close(model.sequential_block(w, x, x0, *args), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_parallel_block_formula():
@@ -510,12 +515,13 @@ def test_parallel_block_formula():
     model = tiny_model()
     lane0, lane1, x0, args = _block_inputs(model)
     l = 3
+    w, args = model.block_weights(l, x0.dtype), args + (l >= model.xsa_first,)
     s, mix = 1 / math.sqrt(l + 1), model.resid_mix[l]
-    a = model.attn_scale[l] * model.attn(l, F.rms_norm(mix[0] * lane0 + mix[1] * x0, (64,)) * s, *args)
-    m = model.mlp_scale[l] * model.mlp(l, F.rms_norm(lane1, (64,)) * s, None, 0)
+    a = model.attn_scale[l] * model.attn(w, F.rms_norm(mix[0] * lane0 + mix[1] * x0, (64,)) * s, *args)
+    m = model.mlp_scale[l] * model.mlp(w, F.rms_norm(lane1, (64,)) * s, None)
     P, r = model.parallel_post_lambdas[l], model.parallel_resid_lambdas[l]
     assert len({round(float(p), 4) for p in P.detach().flatten()}) == 4  # distinct, so a transposed P is caught
-    out0, out1 = model.parallel_block(l, lane0, lane1, x0, args)
+    out0, out1 = model.parallel_block(w, lane0, lane1, x0, *args)
     torch.testing.assert_close(out0, r[0] * lane0 + P[0, 0] * a + P[1, 0] * m, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out1, r[1] * lane1 + P[0, 1] * a + P[1, 1] * m, atol=1e-5, rtol=1e-5)
 
@@ -523,10 +529,11 @@ def test_parallel_block_formula():
     with torch.no_grad():
         model.parallel_post_lambdas[l] = torch.eye(2)
         model.parallel_resid_lambdas[l] = 1.0
-    out0, out1 = model.parallel_block(l, lane0, lane1, x0, args)
+    w = model.block_weights(l, x0.dtype)
+    out0, out1 = model.parallel_block(w, lane0, lane1, x0, *args)
     torch.testing.assert_close(out0, lane0 + a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out1, lane1 + m, atol=1e-5, rtol=1e-5)
-    other0, other1 = model.parallel_block(l, lane0, lane1 + 1.0, x0, args)  # lane1 feeds only the MLP
+    other0, other1 = model.parallel_block(w, lane0, lane1 + 1.0, x0, *args)  # lane1 feeds only the MLP
     torch.testing.assert_close(other0, out0, atol=0, rtol=0)
     assert not torch.allclose(other1, out1)
 
@@ -538,7 +545,7 @@ def test_parallel_lanes_start_from_x_and_merge_at_the_end(final_lane):
     seq_out, par = [], []
     seq_block, par_block = model.sequential_block, model.parallel_block
     model.sequential_block = lambda *a: seq_out.append(seq_block(*a)) or seq_out[-1]
-    model.parallel_block = lambda l, l0, l1, *a: par.append(((l0, l1), par_block(l, l0, l1, *a))) or par[-1][1]
+    model.parallel_block = lambda w, l0, l1, *a: par.append(((l0, l1), par_block(w, l0, l1, *a))) or par[-1][1]
     with torch.no_grad():
         hidden = model.hidden(torch.randint(2, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7)))
     # looping off: encoder [0, 1], decoder [2, 3]; layer 3 is the only parallel one

@@ -158,7 +158,7 @@ class Recorder:
         return loss
 
 
-def per_target_losses(losses, batch, chunk=CHUNK, window=WINDOW) -> list[torch.Tensor]:
+def per_target_losses(losses, batch, chunk=CHUNK, window=WINDOW, min_slots=1) -> list[torch.Tensor]:
     """Forward ci (TTT_GRAD_STEPS=1: one per chunk) has a row per slot, the documents that still
     have chunk ci first (longest first), then finished or empty slots; row i column c is the loss of
     target ci * chunk + c of its document. Returns, per document, the loss of each target position
@@ -168,7 +168,7 @@ def per_target_losses(losses, batch, chunk=CHUNK, window=WINDOW) -> list[torch.T
     assert len(losses) == -(-pred[0] // chunk)
     for ci, loss in enumerate(losses):
         active = sum(p > ci * chunk for p in pred)
-        assert loss.shape == (tg.ttt_slot_bucket(active), chunk)
+        assert loss.shape == (tg.ttt_slot_bucket(max(active, min_slots)), chunk)
         for i in range(active):
             end = min(pred[i], (ci + 1) * chunk)
             out[i][ci * chunk:end] = loss[i, :end - ci * chunk]
@@ -176,13 +176,13 @@ def per_target_losses(losses, batch, chunk=CHUNK, window=WINDOW) -> list[torch.T
     return out
 
 
-def run_ttt_batch(model, tokens, batch, h, luts):
+def run_ttt_batch(model, tokens, batch, h, luts, runner=None):
     """ttt_batch on the frozen model; returns ((nats, bytes, count), per-doc losses). The global RNG
     is not reset: the LoRA A init comes from h.seed alone."""
     rec = Recorder(model)
     with tg.frozen(model):
-        sums = tg.ttt_batch(rec, model, tokens, batch, h, luts)
-    per_doc = per_target_losses(rec.losses, batch, h.ttt_chunk_size, h.ttt_eval_seq_len)
+        sums = tg.ttt_batch(rec, model, tokens, batch, h, luts, runner=runner)
+    per_doc = per_target_losses(rec.losses, batch, h.ttt_chunk_size, h.ttt_eval_seq_len, 2 if h.ttt_compile else 1)
     assert sums[0] == pytest.approx(sum(float(d.sum()) for d in per_doc), rel=1e-12)  # the map is what is scored
     assert sums[2] == sum(len(d) for d in per_doc)
     return sums, per_doc
@@ -597,24 +597,39 @@ def test_global_adapt_learns_its_documents_only(setup):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_compiled_forward_scores_and_trains_the_same(setup):
-    """TTT_COMPILE=1: the TTT forward through torch.compile with dynamic shapes (traced by Dynamo,
-    here with the eager backend: AOTAutograd and Inductor on CPU take minutes for this suite)
-    gives every target the loss of the eager forward, over a batch whose slot
-    count and window change from chunk to chunk; on a GPU, Inductor's kernels compute the same."""
+def test_compiled_blocks_score_and_train_the_same(setup):
+    """TTT_COMPILE=1: each kind of block goes through torch.compile once and serves every layer
+    (regional compilation; traced by Dynamo, here with a counting backend that runs the traced
+    graph: Inductor on CPU takes minutes for this suite). Over a batch whose slot count (2, then
+    1) and window (16 to 60) change, every target gets the loss of the eager forward, and Dynamo
+    traces a handful of graphs, not one per layer or shape; on a GPU, Inductor's kernels compute
+    the same."""
     h, model, luts, val = setup
-    tokens = docs_of_lengths(val, (60, 60))  # windows of 16 to 60 tokens; the last chunk untrained
+    tokens = docs_of_lengths(val, (60, 40))  # two slots, then one; the last chunk untrained
     batch = tg.split_documents(tokens)
     sums, eager = run_ttt_batch(model, tokens, batch, h, luts)
     torch._dynamo.reset()
-    compiled = tg.ttt_model_fn(model, hparams_like(h, ttt_compile=True), backend="eager")
-    assert compiled is not model and model.rope_bound == h.ttt_eval_seq_len
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    hc = hparams_like(h, ttt_compile=True)
+    assert tg.ttt_model_fn(model, hc, backend=backend) is model
     try:
-        got_sums, got = run_ttt_batch(compiled, tokens, batch, h, luts)
+        runner = tg.TTTRunner(model, hc, CPU, graphs=False)
+        got_sums, got = run_ttt_batch(model, tokens, batch, hc, luts, runner)
+        first = len(traced)
+        other = docs_of_lengths(val, (52, 44, 20))  # other windows, three slots
+        run_ttt_batch(model, other, tg.split_documents(other), hc, luts, runner)
     finally:
-        model.rope_bound = 0  # the module's shared model, as the other tests use it
+        tg.ttt_model_fn(model, h)  # TTT_COMPILE=0: the plain blocks again (the module's shared model)
+    assert model.regions is None
     for i, (a, b) in enumerate(zip(got, eager)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), f"document {i}: {float((a - b).abs().max()):.3g}"
     assert got_sums[0] == pytest.approx(sums[0], rel=1e-6) and got_sums[1:] == sums[1:]
-    assert tg.ttt_model_fn(model, h) is model  # TTT_COMPILE=0: the model itself
-    assert not tg.TTTRunner(model, hparams_like(h, ttt_compile=True), "cpu", graphs=True).graphs_on
+    # the sequential and the parallel block, with and without grad (the last chunk), and, in this
+    # small model, with and without XSA: never one per layer or per shape
+    assert first <= 8 and len(traced) == first, (first, len(traced))
+    assert runner.slots_for(1).size == 2  # compiled: at least two slots, never a specialized one
