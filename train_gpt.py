@@ -198,7 +198,7 @@ class Hyperparameters:
         self.ttt_o_lora = bool(get("TTT_O_LORA", 1, "0/1"))
         self.ttt_optimizer = get("TTT_OPTIMIZER", "adam")
         self.ttt_cuda_graphs = bool(get("TTT_CUDA_GRAPHS", 1, "0/1"))  # replay each chunk-step shape as a CUDA graph
-        self.ttt_compile = bool(get("TTT_COMPILE", 0, "0/1"))  # TTT's forward through torch.compile (graphs off)
+        self.ttt_compile = bool(get("TTT_COMPILE", 1, "0/1"))  # TTT's two kinds of block through torch.compile (CUDA)
         # phased TTT: after each of TTT_GLOBAL_PHASES equal parts of the first TTT_GLOBAL_PREFIX_DOCS scored
         # documents, one SGD epoch of the base weights over every document scored so far
         self.ttt_global_phases = get("TTT_GLOBAL_PHASES", 0, ">=0")
@@ -3081,8 +3081,9 @@ def eval_val_sliding(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, dev
 #
 # Speed: documents of a batch are ordered longest first, and the batch moves to fewer slots as
 # documents finish (adapters and optimizer state carried along), so finished documents stop
-# costing compute; slot counts and windows are rounded to a few sizes, and each small step is
-# replayed as a CUDA graph (TTTRunner). None of this changes a number beyond kernel rounding:
+# costing compute; slot counts and windows are rounded to a few sizes; the blocks run compiled
+# (TTT_COMPILE, ttt_model_fn) and each step is replayed as a CUDA graph (TTTRunner). None of this
+# changes a number beyond kernel rounding:
 # each document's math is its own, and window padding is causally invisible and never scored.
 # The warmup runs on synthetic random tokens only, never on validation data.
 
@@ -3323,16 +3324,19 @@ def ttt_chunk_step(model_fn, tokens: Tensor, slots: TTTSlots, ci, context: int, 
         slots.opt.step(slots.lora.stacked(torch.autograd.grad(objective, slots.lora.leaf_list())))
 
 
-# Chunk steps of at least this many slot x window tokens run eagerly at their exact window: there
-# the GPU is busy anyway (64 x 2048: 486 ms per step eagerly and as a graph, on one H200) and a
-# rounded-up window would only add work.
+# Without compiled blocks (TTT_COMPILE=0), chunk steps of at least this many slot x window tokens
+# run eagerly at their exact window: there the GPU is busy anyway (64 x 2048: 486 ms per step
+# eagerly and as a graph, on one H200) and a rounded-up window would only add work. With them, every
+# step is a graph: a compiled step of 16 to 64 slots x 2048 took ~75 ms whatever its slot count,
+# the host's pace (17 blocks' wrappers and guards, forward and backward).
 TTT_EAGER_TOKENS = 32768
 
 
 class TTTRunner:
     """Runs chunk steps for one evaluation: the slot state per size, the score sums, and (CUDA,
     TTT_CUDA_GRAPHS=1) one CUDA graph per (slots, rounded-up window, train) captured at its first
-    use and replayed after, for steps under eager_from tokens. Eagerly a chunk step launches ~4,400
+    use and replayed after, for steps under eager_from tokens (every step with compiled blocks; each
+    shape then runs once uncaptured first, where it may compile). Eagerly a chunk step launches ~4,400
     small kernels, so the host, not the GPU, set the pace of the smaller steps. The graphs share one
     memory pool: they never run at once, and every tensor that outlives a step is allocated outside them."""
 
@@ -3347,7 +3351,7 @@ class TTTRunner:
 
     def slots_for(self, n: int) -> TTTSlots:
         # compiled blocks: never one slot, which torch.compile would specialize and compile again
-        size = ttt_slot_bucket(max(n, 2) if self.h.ttt_compile else n)
+        size = ttt_slot_bucket(max(n, 2) if self.model.regions else n)
         if size not in self.slots:
             self.slots[size] = TTTSlots(self.model, self.h, size, self.device)
         return self.slots[size]
@@ -3355,7 +3359,7 @@ class TTTRunner:
     def step(self, model_fn, tokens: Tensor, slots: TTTSlots, context: int, luts, train: bool):
         """One chunk step over windows of `context` tokens (the longest row's)."""
         padded = ttt_context_bucket(context, self.h.ttt_chunk_size, self.h.ttt_eval_seq_len)
-        graphed = self.graphs_on and slots.size * padded < self.eager_from
+        graphed = self.graphs_on and (self.model.regions is not None or slots.size * padded < self.eager_from)
         context = padded if graphed else context
         run = lambda: ttt_chunk_step(model_fn, tokens, slots, self.ci, context, self.h, luts, self.sums, train,
                                      self.score_on)
@@ -3365,7 +3369,7 @@ class TTTRunner:
             self.graphs.clear()
             self.tokens = tokens
         key = (slots.size, context, train)
-        if self.h.ttt_compile and key not in self.seen:
+        if self.model.regions and key not in self.seen:
             self.seen.add(key)  # a compiled block may compile again at a new shape: never inside a capture
             return run()
         if key not in self.graphs:
@@ -3797,15 +3801,17 @@ def evaluate_ttt(ctx: RunContext) -> dict:
         model.attn_backend = trained_with
 
 
-def ttt_model_fn(model: GPT, h: Hyperparameters, backend: str = "inductor"):
+def ttt_model_fn(model: GPT, h: Hyperparameters, backend=None):
     """The forward TTT calls: the model itself; with TTT_COMPILE=1 its two kinds of block (sequential
     and parallel) each go through torch.compile once and serve every layer, taking the layer's
     weights and adapters as arguments (regional compilation), with the slot count and the window
     marked dynamic. Compiling the whole 17-layer model with dynamic shapes instead had not finished
-    its warmup after 6 minutes on an H200. model.regions = None undoes it."""
-    if not h.ttt_compile:
+    its warmup after 6 minutes on an H200. Only on CUDA unless a backend is given (Inductor on a CPU
+    compiles C++ for minutes). model.regions = None undoes it."""
+    if not h.ttt_compile or (backend is None and model.tok_emb.weight.device.type != "cuda"):
         model.regions = None
         return model
+    backend = backend or "inductor"
 
     def region(block):
         compiled = torch.compile(block, backend=backend)
@@ -3826,7 +3832,7 @@ def ttt_model_fn(model: GPT, h: Hyperparameters, backend: str = "inductor"):
 def _evaluate_ttt(ctx: RunContext, h: Hyperparameters, log, model: GPT) -> dict:
     model_fn = ttt_model_fn(model, h)
     warmup_s = warm_up_ttt(model_fn, model, h, ctx.luts, ctx.device)
-    log(f"ttt_warmup:{warmup_s:.1f}s (synthetic tokens{', compiling' if h.ttt_compile else ''})")
+    log(f"ttt_warmup:{warmup_s:.1f}s (synthetic tokens{', compiling' if model.regions else ''})")
     result = timed_score(log, "ttt", lambda: eval_val_ttt(model_fn, model, ctx.val_tokens, h, ctx.luts, ctx.device,
                                                           log))
     result.update(warmup_seconds=warmup_s, doc_fraction=h.val_doc_fraction)

@@ -182,7 +182,7 @@ def run_ttt_batch(model, tokens, batch, h, luts, runner=None):
     rec = Recorder(model)
     with tg.frozen(model):
         sums = tg.ttt_batch(rec, model, tokens, batch, h, luts, runner=runner)
-    per_doc = per_target_losses(rec.losses, batch, h.ttt_chunk_size, h.ttt_eval_seq_len, 2 if h.ttt_compile else 1)
+    per_doc = per_target_losses(rec.losses, batch, h.ttt_chunk_size, h.ttt_eval_seq_len, 2 if model.regions else 1)
     assert sums[0] == pytest.approx(sum(float(d.sum()) for d in per_doc), rel=1e-12)  # the map is what is scored
     assert sums[2] == sum(len(d) for d in per_doc)
     return sums, per_doc
@@ -623,6 +623,7 @@ def test_compiled_blocks_score_and_train_the_same(setup):
         first = len(traced)
         other = docs_of_lengths(val, (52, 44, 20))  # other windows, three slots
         run_ttt_batch(model, other, tg.split_documents(other), hc, luts, runner)
+        assert runner.slots_for(1).size == 2  # compiled: at least two slots, never a specialized one
     finally:
         tg.ttt_model_fn(model, h)  # TTT_COMPILE=0: the plain blocks again (the module's shared model)
     assert model.regions is None
@@ -632,4 +633,4 @@ def test_compiled_blocks_score_and_train_the_same(setup):
     # the sequential and the parallel block, with and without grad (the last chunk), and, in this
     # small model, with and without XSA: never one per layer or per shape
     assert first <= 8 and len(traced) == first, (first, len(traced))
-    assert runner.slots_for(1).size == 2  # compiled: at least two slots, never a specialized one
+    assert tg.ttt_model_fn(model, hc) is model and model.regions is None  # on a CPU only with a backend given

@@ -593,6 +593,7 @@ def build(args, log=print):
         model.mlp_down_bank.normal_(0, 0.02)
     model.eval()
     model.looping = h.num_loops > 0  # as run() before TTT
+    tg.ttt_model_fn(model, h)  # TTT_COMPILE (default 1, CUDA): each kind of block compiled once, as run() does
     luts = synthetic_luts(h.vocab_size, device, args.seed)
     return tg, h, device, backend, model, luts
 
