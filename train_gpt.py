@@ -3303,16 +3303,17 @@ class TTTSlots:
 
 
 def ttt_chunk_step(model_fn, tokens: Tensor, slots: TTTSlots, ci, context: int, h: Hyperparameters, luts,
-                   sums: Tensor, train: bool, score_on=1.0):
+                   sums: Tensor, train: bool, score_on=1.0, grad: bool = False):
     """Chunk ci of every document in slots: its targets are scored (nats, bytes, count added to
     sums, times score_on) from the forward that then, if train, gives one optimizer step on the
-    mean loss of each document that has a later chunk. No host synchronisation, so it can be
-    captured in a CUDA graph; the same function runs eagerly."""
+    mean loss of each document that has a later chunk. grad: the forward keeps grad on even
+    without training (compiled blocks: a forward without grad would be other graphs to compile).
+    No host synchronisation, so it can be captured in a CUDA graph; the same function runs eagerly."""
     starts, pred_lens, chunks = slots.docs
     x, y, at, scored = ttt_chunk_inputs(tokens, starts, pred_lens, ci, h.ttt_chunk_size, h.ttt_eval_seq_len, context)
     device = tokens.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False), \
-            torch.set_grad_enabled(train):
+            torch.set_grad_enabled(train or grad):
         loss = model_fn(x, y, None, 0, slots.lora, at)  # [n, chunk]: only the chunk's targets
     with torch.no_grad():  # score first, before any update on this chunk
         nbytes = torch.where(scored, target_bytes(x.gather(1, at), y.gather(1, at), luts), 0)
@@ -3362,7 +3363,7 @@ class TTTRunner:
         graphed = self.graphs_on and (self.model.regions is not None or slots.size * padded < self.eager_from)
         context = padded if graphed else context
         run = lambda: ttt_chunk_step(model_fn, tokens, slots, self.ci, context, self.h, luts, self.sums, train,
-                                     self.score_on)
+                                     self.score_on, grad=self.model.regions is not None)
         if not graphed:
             return run()
         if tokens is not self.tokens:  # graphs read the tokens they were captured with

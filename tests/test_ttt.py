@@ -630,7 +630,7 @@ def test_compiled_blocks_score_and_train_the_same(setup):
     for i, (a, b) in enumerate(zip(got, eager)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), f"document {i}: {float((a - b).abs().max()):.3g}"
     assert got_sums[0] == pytest.approx(sums[0], rel=1e-6) and got_sums[1:] == sums[1:]
-    # the sequential and the parallel block, with and without grad (the last chunk), and, in this
-    # small model, with and without XSA: never one per layer or per shape
-    assert first <= 8 and len(traced) == first, (first, len(traced))
+    # the sequential and the parallel block (in this small model, each with and without XSA), the
+    # untrained last chunk included (grad stays on): never one per layer, per shape or per grad mode
+    assert first <= 4 and len(traced) == first, (first, len(traced))
     assert tg.ttt_model_fn(model, hc) is model and model.regions is None  # on a CPU only with a backend given
