@@ -3786,10 +3786,11 @@ def evaluate_artifact(ctx: RunContext, plan: ArtifactPlan) -> None:
         summary["ttt"] = evaluate_ttt(ctx)
 
 
-def evaluate_ttt(ctx: RunContext) -> dict:
-    """TTT on the quantized model, uncompiled (a dynamic-shape compile cost the record minutes):
-    each chunk-step shape runs as a CUDA graph instead (TTT_CUDA_GRAPHS)."""
-    h, log, model = ctx.h, ctx.log, ctx.model
+def evaluate_ttt(ctx: RunContext, h: Hyperparameters | None = None, baseline: bool = True) -> dict:
+    """TTT on the quantized model as it is, with ctx.h's TTT settings or h's (tools/ttt_sweep.py):
+    compiled blocks (TTT_COMPILE) replayed as CUDA graphs (TTT_CUDA_GRAPHS). On a document sample
+    (VAL_DOC_FRACTION < 1) and with baseline, the same windows are also scored without adaptation."""
+    h, log, model = h or ctx.h, ctx.log, ctx.model
     trained_with = model.attn_backend
     if trained_with == "fa4" and h.ttt_cuda_graphs and ctx.device.type == "cuda" and _has_varlen_attn():
         # FA4 replayed inside a CUDA graph ran at half speed on TTT's widest step (n=64, 2048 tokens:
@@ -3797,9 +3798,26 @@ def evaluate_ttt(ctx: RunContext) -> dict:
         model.attn_backend = "varlen"
         log("ttt attention_backend:varlen (FA4 is slower in TTT's CUDA graphs)")
     try:
-        return _evaluate_ttt(ctx, h, log, model)
+        model_fn = ttt_model_fn(model, h)
+        warmup_s = warm_up_ttt(model_fn, model, h, ctx.luts, ctx.device)
+        log(f"ttt_warmup:{warmup_s:.1f}s (synthetic tokens{', compiling' if model.regions else ''})")
+        result = timed_score(log, "ttt", lambda: eval_val_ttt(model_fn, model, ctx.val_tokens, h, ctx.luts,
+                                                              ctx.device, log))
+        result.update(warmup_seconds=warmup_s, doc_fraction=h.val_doc_fraction)
+        if h.val_doc_fraction < 1 and baseline:  # the quantized score of the same sample, to measure the gain on it
+            base_loss, base_bpb = eval_val_ttt(model_fn, model, ctx.val_tokens, h, ctx.luts, ctx.device, log,
+                                               adapt=False)
+            result.update(sample_val_loss_without_ttt=base_loss, sample_val_bpb_without_ttt=base_bpb)
+            log(f"ttt sample without adaptation val_loss:{base_loss:.5f} val_bpb:{base_bpb:.5f} "
+                f"(TTT gain {result['val_bpb'] - base_bpb:+.5f} bpb)")
     finally:
-        model.attn_backend = trained_with
+        model.attn_backend, model.regions = trained_with, None
+    total_s = warmup_s + result["eval_seconds"]
+    log(f"ttt_time warmup:{warmup_s:.1f}s ttt:{result['eval_seconds']:.1f}s total:{total_s:.1f}s "
+        f"(the challenge's evaluation budget: 600s)")
+    if total_s > 600:
+        log(f"WARNING: TTT warmup + evaluation took {total_s:.0f}s, over the challenge's 600s evaluation budget")
+    return result
 
 
 def ttt_model_fn(model: GPT, h: Hyperparameters, backend=None):
@@ -3828,26 +3846,6 @@ def ttt_model_fn(model: GPT, h: Hyperparameters, backend=None):
 
     model.regions = (region(model.sequential_block), region(model.parallel_block))
     return model
-
-
-def _evaluate_ttt(ctx: RunContext, h: Hyperparameters, log, model: GPT) -> dict:
-    model_fn = ttt_model_fn(model, h)
-    warmup_s = warm_up_ttt(model_fn, model, h, ctx.luts, ctx.device)
-    log(f"ttt_warmup:{warmup_s:.1f}s (synthetic tokens{', compiling' if model.regions else ''})")
-    result = timed_score(log, "ttt", lambda: eval_val_ttt(model_fn, model, ctx.val_tokens, h, ctx.luts, ctx.device,
-                                                          log))
-    result.update(warmup_seconds=warmup_s, doc_fraction=h.val_doc_fraction)
-    if h.val_doc_fraction < 1:  # the quantized score of the same sample, to measure the gain on it
-        base_loss, base_bpb = eval_val_ttt(model_fn, model, ctx.val_tokens, h, ctx.luts, ctx.device, log, adapt=False)
-        result.update(sample_val_loss_without_ttt=base_loss, sample_val_bpb_without_ttt=base_bpb)
-        log(f"ttt sample without adaptation val_loss:{base_loss:.5f} val_bpb:{base_bpb:.5f} "
-            f"(TTT gain {result['val_bpb'] - base_bpb:+.5f} bpb)")
-    total_s = warmup_s + result["eval_seconds"]
-    log(f"ttt_time warmup:{warmup_s:.1f}s ttt:{result['eval_seconds']:.1f}s total:{total_s:.1f}s "
-        f"(the challenge's evaluation budget: 600s)")
-    if total_s > 600:
-        log(f"WARNING: TTT warmup + evaluation took {total_s:.0f}s, over the challenge's 600s evaluation budget")
-    return result
 
 
 def final_score(summary: dict) -> dict:

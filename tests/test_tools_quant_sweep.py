@@ -18,6 +18,11 @@ def checkpoint(tiny_dataset, tmp_path_factory):
     tiny dataset with one validation shard (each evaluation here takes a third of the time)."""
     folder = tmp_path_factory.mktemp("sweep")
     env = dict(E2E_ENV, **with_one_val_shard(tiny_dataset, folder).env, COMPRESSOR="lzma")
+    return env, random_checkpoint(env, folder)
+
+
+def random_checkpoint(env: dict, folder) -> str:
+    """folder/final_model.pt: the model of env with seeded random weights, O and MLP-down included."""
     torch.manual_seed(0)
     model = tg.build_model(tg.Hyperparameters(env=dict(env, ARTIFACT_DIR=str(folder))), torch.device("cpu"))
     with torch.no_grad():
@@ -25,7 +30,7 @@ def checkpoint(tiny_dataset, tmp_path_factory):
             bank.normal_(std=0.02)
     path = folder / "final_model.pt"
     torch.save(model.state_dict(), path)
-    return env, str(path)
+    return str(path)
 
 
 def test_the_defaults_row_is_the_artifact_train_gpt_builds(checkpoint, tmp_path, monkeypatch, capsys):

@@ -46,36 +46,48 @@ class UsageError(Exception):
     pass
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    """"NAME: VAR=VALUE ..." -> (NAME, {VAR: VALUE}); only QUANT_VARIABLES may appear."""
+def parse_variant(text: str, allowed: tuple[str, ...] = QUANT_VARIABLES) -> tuple[str, dict[str, str]]:
+    """"NAME: VAR=VALUE ..." -> (NAME, {VAR: VALUE}); only the allowed variables may appear."""
     name, sep, rest = text.partition(":")
     if not sep or not name.strip():
         raise UsageError(f"--variant {text!r} must read 'NAME: VAR=VALUE ...' (nothing after ':' for the defaults)")
     env = {}
     for item in rest.split():
         key, eq, value = item.partition("=")
-        if not eq or key not in QUANT_VARIABLES:
-            raise UsageError(f"--variant {text!r}: {item!r} must be VAR=VALUE with VAR one of {', '.join(QUANT_VARIABLES)}")
+        if not eq or key not in allowed:
+            raise UsageError(f"--variant {text!r}: {item!r} must be VAR=VALUE with VAR one of {', '.join(allowed)}")
         env[key] = value
     return name.strip(), env
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Quantization variants of one train_gpt.py checkpoint: bytes and bpb.")
-    p.add_argument("checkpoint", help="a final_model.pt written by train_gpt.py")
+def variants_environment(variants: list, environ=None) -> dict:
+    """The run's environment; a variable that a variant sets may not be set in it as well."""
+    base_env = dict(os.environ if environ is None else environ)
+    for key in base_env:  # a variable set for the run: fine; set for one variant only: not here
+        if any(key in env for _, env in variants):
+            raise UsageError(f"{key} is set in the environment and in a variant: set it in the variants only")
+    return base_env
+
+
+def parse_sweep_args(argv, tool: str, source: str, source_help: str, rows: str) -> argparse.Namespace:
+    """A sweep tool's arguments: its input file (named source), --variant, --out-dir, --out."""
+    p = argparse.ArgumentParser(description=f"{rows} variants of one train_gpt.py {source}, side by side.")
+    p.add_argument(source, help=source_help)
     p.add_argument("--variant", action="append", default=[], metavar="'NAME: VAR=VALUE ...'",
-                   help="a variant to measure (repeatable); default: the README's quantization rows")
-    p.add_argument("--out-dir", default="", help="folder for the log and the counted code (default runs/quant_sweep_<time>)")
+                   help=f"a variant to measure (repeatable); default: the README's {rows} rows")
+    p.add_argument("--out-dir", default="", help=f"folder for the run's log (default runs/{tool}_<time>)")
     p.add_argument("--out", default="", help="also write the results as JSON to this path")
     return p.parse_args(argv)
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    return parse_sweep_args(argv, "quant_sweep", "checkpoint", "a final_model.pt written by train_gpt.py",
+                            "quantization")
+
+
 def sweep(args: argparse.Namespace, environ=None) -> dict:
     variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
-    base_env = dict(os.environ if environ is None else environ)
-    for key in list(base_env):  # a variable set for the run: fine; set for one variant only: not here
-        if key in QUANT_VARIABLES and any(key in env for _, env in variants):
-            raise UsageError(f"{key} is set in the environment and in a variant: set it in the variants only")
+    base_env = variants_environment(variants, environ)
     out_dir = args.out_dir or os.path.join("runs", time.strftime("quant_sweep_%Y%m%d_%H%M%S"))
     base_env.update(EVAL_ONLY_PATH=args.checkpoint, ARTIFACT_DIR=out_dir, TTT_ENABLED="0")
     if not args.checkpoint.endswith(".pt"):
@@ -132,20 +144,25 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None, environ=None) -> int:
-    args = parse_args(argv)
+def run_sweep(tool: str, args: argparse.Namespace, sweep_fn, table_fn, environ=None) -> int:
+    """A sweep tool's main: the table on stdout (and the JSON with --out); bad input is one line
+    on stderr and exit 2."""
     try:
-        result = sweep(args, environ)
+        result = sweep_fn(args, environ)
     except (UsageError, tg.ConfigError, tg.ShardError) as e:
-        print(f"quant_sweep: {e}", file=sys.stderr)
+        print(f"{tool}: {e}", file=sys.stderr)
         return 2
-    print(format_table(result))
+    print(table_fn(result))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2, default=str)
         print(f"wrote {args.out}")
     return 0
+
+
+def main(argv=None, environ=None) -> int:
+    return run_sweep("quant_sweep", parse_args(argv), sweep, format_table, environ)
 
 
 if __name__ == "__main__":
