@@ -3539,11 +3539,14 @@ def eval_val_ttt(model_fn, model: GPT, val_tokens: Tensor, h: Hyperparameters, l
 
 
 def warm_up_ttt(model_fn, model: GPT, h: Hyperparameters, luts, device) -> float:
-    """Warm up the TTT step on synthetic random tokens (never validation data): once eagerly, then,
-    with CUDA graphs on, once captured, which must score the same; returns seconds."""
+    """Warm up the TTT step on synthetic random tokens (never validation data): once uncaptured,
+    then, with CUDA graphs on, once captured, which must score the same; returns seconds."""
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
-    n = h.ttt_eval_seq_len + 2 * h.ttt_chunk_size + 1
+    # compiled blocks take any window (dynamic shapes): two short documents compile them; eager
+    # ones warm up, and their graphs are checked, at every window up to TTT_EVAL_SEQ_LEN
+    span = 2 * h.ttt_chunk_size if model.regions else h.ttt_eval_seq_len
+    n = span + 2 * h.ttt_chunk_size + 1
     fake = torch.randint(2, model.tok_emb.weight.size(0), (2 * n,), generator=g)
     fake[0] = fake[n] = BOS_ID
     fake, batch = fake.to(device), [(0, n), (n, n - 2 * h.ttt_chunk_size)]

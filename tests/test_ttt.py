@@ -602,8 +602,8 @@ def test_compiled_blocks_score_and_train_the_same(setup):
     (regional compilation; traced by Dynamo, here with a counting backend that runs the traced
     graph: Inductor on CPU takes minutes for this suite). Over a batch whose slot count (2, then
     1) and window (16 to 60) change, every target gets the loss of the eager forward, and Dynamo
-    traces a handful of graphs, not one per layer or shape; on a GPU, Inductor's kernels compute
-    the same."""
+    traces a handful of graphs, all in the warmup, not one per layer or shape; on a GPU, Inductor's
+    kernels compute the same."""
     h, model, luts, val = setup
     tokens = docs_of_lengths(val, (60, 40))  # two slots, then one; the last chunk untrained
     batch = tg.split_documents(tokens)
@@ -618,9 +618,11 @@ def test_compiled_blocks_score_and_train_the_same(setup):
     hc = hparams_like(h, ttt_compile=True)
     assert tg.ttt_model_fn(model, hc, backend=backend) is model
     try:
+        with tg.frozen(model):
+            tg.warm_up_ttt(model, model, hc, luts, CPU)  # two short documents
+        first = len(traced)
         runner = tg.TTTRunner(model, hc, CPU, graphs=False)
         got_sums, got = run_ttt_batch(model, tokens, batch, hc, luts, runner)
-        first = len(traced)
         other = docs_of_lengths(val, (52, 44, 20))  # other windows, three slots
         run_ttt_batch(model, other, tg.split_documents(other), hc, luts, runner)
         assert runner.slots_for(1).size == 2  # compiled: at least two slots, never a specialized one
@@ -630,7 +632,8 @@ def test_compiled_blocks_score_and_train_the_same(setup):
     for i, (a, b) in enumerate(zip(got, eager)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), f"document {i}: {float((a - b).abs().max()):.3g}"
     assert got_sums[0] == pytest.approx(sums[0], rel=1e-6) and got_sums[1:] == sums[1:]
-    # the sequential and the parallel block (in this small model, each with and without XSA), the
-    # untrained last chunk included (grad stays on): never one per layer, per shape or per grad mode
+    # the warmup traced every graph the batches use: the sequential and the parallel block (in this
+    # small model, each with and without XSA), the untrained last chunk included (grad stays on);
+    # never one per layer, per shape or per grad mode
     assert first <= 4 and len(traced) == first, (first, len(traced))
     assert tg.ttt_model_fn(model, hc) is model and model.regions is None  # on a CPU only with a backend given
