@@ -156,6 +156,7 @@ class Hyperparameters:
         self.fused_mlp = bool(get("FUSED_MLP", 1, "0/1"))
         self.fused_ce = bool(get("FUSED_CE", 1, "0/1"))  # fused softcapped cross-entropy kernel (CUDA)
         self.fused_head_ce = bool(get("FUSED_HEAD_CE", 1, "0/1"))  # with FUSED_CE: the head inside it too
+        self.compile_regions = bool(get("COMPILE_REGIONS", 0, "0/1"))  # compile the two kinds of block, not the model
         # optimizers
         self.min_lr = get("MIN_LR", 0.1, "0..1")
         self.tied_embed_lr = get("TIED_EMBED_LR", 0.03, ">=0")
@@ -1642,11 +1643,11 @@ class GPT(nn.Module):
         x = rms_norm(self.tok_emb(ids))
         x = x0 = self.smear_previous(x, ids) if self.smear else x
         rope = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device)
-        sequential, parallel = self.regions or (self.sequential_block, self.parallel_block)
-        if self.regions and not x.requires_grad:
-            # TTT's frozen embedding: the first block then takes what every later one takes (not x0
-            # itself, and an input with grad where grad is on), so one compiled block serves them all
-            x = x.detach().requires_grad_(torch.is_grad_enabled())
+        regions = None if self.capture else self.regions  # Hessian collection sees every input eagerly
+        sequential, parallel = regions or (self.sequential_block, self.parallel_block)
+        if regions:  # the first block then takes what every later one takes, so one compiled block serves all
+            # not x0 itself; and, from TTT's frozen embedding, an input with grad where grad is on
+            x = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(torch.is_grad_enabled())
         encoder, decoder = self.layer_order()
         skips, lanes = [], None
         for slot, l in enumerate(encoder + decoder):
@@ -3675,6 +3676,39 @@ def start_run(h: Hyperparameters) -> RunContext:
     return ctx
 
 
+def compile_blocks(model: GPT, compile_fn, dynamic_rows: bool = False) -> tuple:
+    """(sequential, parallel): the model's two kinds of block, each through compile_fn once. A block
+    takes its layer's weights and adapters as arguments, so one compiled block serves every layer
+    and any depth (regional compilation). dynamic_rows: the rows and their length are marked
+    dynamic at each call (TTT: the slot count and the window change from step to step)."""
+    def region(block):
+        compiled = compile_fn(block)
+        if not dynamic_rows:
+            return compiled
+
+        def call(w, *args):  # args: activations..., rope, cu_seqlens, max_seqlen, adapters, xsa
+            for t in args[:-5]:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+            for t in list(args[-5]) + [t for pair in (args[-2] or {}).values() for t in pair]:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            return compiled(w, *args)
+        return call
+
+    return region(model.sequential_block), region(model.parallel_block)
+
+
+def training_model_fn(model: GPT, h: Hyperparameters, device):
+    """The callable that training and evaluation run: the whole model through one torch.compile (a
+    graph per train/eval mode and looping state), or, COMPILE_REGIONS=1, the model itself with its
+    two kinds of block compiled (a graph per kind and mode, whatever the depth; embedding, skips,
+    head and loss run eagerly). Eager on a CPU either way."""
+    if not h.compile_regions:
+        return compile_for(device, model, dynamic=False, fullgraph=True)
+    model.regions = compile_blocks(model, lambda block: compile_for(device, block, dynamic=False, fullgraph=True))
+    return model
+
+
 def build_run_model(ctx: RunContext) -> None:
     h, log = ctx.h, ctx.log
     backend = pick_attention_backend(h.attn_backend)
@@ -3690,7 +3724,7 @@ def build_run_model(ctx: RunContext) -> None:
     # One model object and one compiled callable for the whole run: training, evaluation (a
     # separate graph per train/eval mode and looping state) and the quantized model, whose
     # weights are loaded into the same tensors, so no graph is compiled twice.
-    ctx.model_fn = compile_for(ctx.device, ctx.model, dynamic=False, fullgraph=True)
+    ctx.model_fn = training_model_fn(ctx.model, h, ctx.device)
 
 
 def train_phase(ctx: RunContext) -> None:
@@ -3794,7 +3828,7 @@ def evaluate_ttt(ctx: RunContext, h: Hyperparameters | None = None, baseline: bo
     compiled blocks (TTT_COMPILE) replayed as CUDA graphs (TTT_CUDA_GRAPHS). On a document sample
     (VAL_DOC_FRACTION < 1) and with baseline, the same windows are also scored without adaptation."""
     h, log, model = h or ctx.h, ctx.log, ctx.model
-    trained_with = model.attn_backend
+    trained_with, training_regions = model.attn_backend, model.regions
     if trained_with == "fa4" and h.ttt_cuda_graphs and ctx.device.type == "cuda" and _has_varlen_attn():
         # FA4 replayed inside a CUDA graph ran at half speed on TTT's widest step (n=64, 2048 tokens:
         # 1,081 ms against 486 ms with varlen_attn, graphed or not), and eagerly it gained nothing there
@@ -3814,7 +3848,7 @@ def evaluate_ttt(ctx: RunContext, h: Hyperparameters | None = None, baseline: bo
             log(f"ttt sample without adaptation val_loss:{base_loss:.5f} val_bpb:{base_bpb:.5f} "
                 f"(TTT gain {result['val_bpb'] - base_bpb:+.5f} bpb)")
     finally:
-        model.attn_backend, model.regions = trained_with, None
+        model.attn_backend, model.regions = trained_with, training_regions
     total_s = warmup_s + result["eval_seconds"]
     log(f"ttt_time warmup:{warmup_s:.1f}s ttt:{result['eval_seconds']:.1f}s total:{total_s:.1f}s "
         f"(the challenge's evaluation budget: 600s)")
@@ -3834,20 +3868,7 @@ def ttt_model_fn(model: GPT, h: Hyperparameters, backend=None):
         model.regions = None
         return model
     backend = backend or "inductor"
-
-    def region(block):
-        compiled = torch.compile(block, backend=backend)
-
-        def call(w, *args):  # args: activations..., rope, cu_seqlens, max_seqlen, adapters, xsa
-            for t in args[:-5]:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-                torch._dynamo.maybe_mark_dynamic(t, 1)
-            for t in list(args[-5]) + [t for pair in (args[-2] or {}).values() for t in pair]:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-            return compiled(w, *args)
-        return call
-
-    model.regions = (region(model.sequential_block), region(model.parallel_block))
+    model.regions = compile_blocks(model, lambda block: torch.compile(block, backend=backend), dynamic_rows=True)
     return model
 
 

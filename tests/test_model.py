@@ -637,3 +637,47 @@ def test_batched_and_packed_forward_agree():
 # ---------------------------------------------------------------------------------------------
 
 
+
+
+def test_regional_compilation_traces_each_kind_of_block_once_for_any_depth():
+    """COMPILE_REGIONS=1 (training_model_fn): the sequential and the parallel block, each compiled
+    once (traced by Dynamo; here a counting backend runs the traced graph), serve every layer with
+    looping off and on, and training's loss and gradients are the plain model's."""
+    model = tiny_model(seed=3, XSA_LAST_N=tiny_hparams().num_layers)  # XSA in every layer, as by default
+    model.train()
+    g = torch.Generator().manual_seed(4)
+    ids, targets = (torch.randint(2, VOCAB, (1, 48), generator=g) for _ in range(2))
+    cu = torch.tensor([0, 20, 48], dtype=torch.int32)
+
+    def loss_and_grads():
+        results = []
+        for looping in (False, True):
+            model.looping = looping
+            model.zero_grad()
+            loss = model(ids, targets, cu, 28).mean()
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        return results
+
+    plain = loss_and_grads()
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    model.regions = tg.compile_blocks(model, lambda block: torch.compile(block, backend=backend, dynamic=False,
+                                                                          fullgraph=True))
+    try:
+        compiled = loss_and_grads()
+    finally:
+        model.regions, model.looping = None, False
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(plain, compiled):
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+        assert len(grads_a) == len(grads_b)
+        for a, b in zip(grads_a, grads_b):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert len(traced) == 2, len(traced)  # one sequential, one parallel block: any layer, both depths
+    h = tg.Hyperparameters(env={"COMPILE_REGIONS": "1"})
+    assert tg.training_model_fn(model, h, torch.device("cpu")) is model  # eager on a CPU, blocks included
+    model.regions = None

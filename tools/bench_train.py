@@ -8,8 +8,8 @@ not spend five minutes on it. Without CUDA its test is skipped.)
 
 What runs: Hyperparameters(env={DATA_DIR}) with every default (VOCAB_SIZE 8192, 35.9M parameters,
 786,432 tokens per optimizer step as 8 grad-accum micro-batches of 98,304 on WORLD_SIZE 1), and
-the objects train_gpt.run() builds: build_model -> torch.compile(model, dynamic=False,
-fullgraph=True) -> Trainer, with Muon's Newton-Schulz compiled -> trainer.warm_up() (timed: that
+the objects train_gpt.run() builds: build_model -> training_model_fn (torch.compile(model,
+dynamic=False, fullgraph=True), or the two kinds of block compiled with COMPILE_REGIONS=1) -> Trainer, with Muon's Newton-Schulz compiled -> trainer.warm_up() (timed: that
 is the run's compile + warmup) -> timed optimizer steps through trainer.step(step, frac) on real
 corpus batches from DATA_DIR's training shards, first with looping off, then with
 model.looping = True. Per phase: ms/step, tokens/s, peak memory and MFU (see
@@ -682,9 +682,7 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
     model = tg.build_model(h, device, backend)
     if device.type == "cuda":
         torch._dynamo.config.cache_size_limit = 16  # as train_gpt.run()
-        model_fn = torch.compile(model, dynamic=False, fullgraph=True)
-    else:
-        model_fn = model
+    model_fn = tg.training_model_fn(model, h, device)  # as train_gpt.run(): the whole model, or COMPILE_REGIONS=1
     trainer = tg.Trainer(h, model, model_fn, device, log)
     try:
         return _measure(args, h, device, backend, trainer, time.perf_counter() - t_setup, log)
