@@ -637,3 +637,59 @@ def test_compiled_blocks_score_and_train_the_same(setup):
     # never one per layer, per shape or per grad mode
     assert first <= 4 and len(traced) == first, (first, len(traced))
     assert tg.ttt_model_fn(model, hc) is model and model.regions is None  # on a CPU only with a backend given
+
+
+def test_the_runner_captures_each_shape_once_and_compiled_shapes_only_after_one_plain_run(setup, monkeypatch):
+    """TTTRunner's CUDA-graph schedule, with torch.cuda's graph API replaced by a recorder (the
+    captures themselves need a GPU): eager blocks capture a shape at its first step and run steps
+    of eager_from tokens or more uncaptured; compiled blocks run every shape once uncaptured (where
+    it may compile), capture it at its second step, and replay it after, whatever its width."""
+    h, model, luts, val = setup
+    events = []
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    class capture:
+        def __init__(self, graph, pool=None):
+            pass
+
+        def __enter__(self):
+            events.append("capture")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    tokens = docs_of_lengths(val, (40, 40))
+    step = tg.ttt_chunk_step
+
+    def recorded(*args, **kwargs):
+        if not events or events[-1] != "capture":
+            events.append("run")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(tg, "ttt_chunk_step", recorded)
+
+    def schedule(regions, eager_from):
+        events.clear()
+        model.regions = regions
+        try:
+            runner = tg.TTTRunner(model, h, CPU, graphs=False, eager_from=eager_from)
+            runner.graphs_on = True  # as on CUDA
+            slots = runner.slots_for(2)
+            slots.load(tg.split_documents(tokens), h.ttt_chunk_size)
+            with tg.frozen(model):
+                for _ in range(3):
+                    runner.step(model, tokens, slots, h.ttt_chunk_size, luts, train=True)
+        finally:
+            model.regions = None
+        return list(events)
+
+    assert schedule(None, math.inf) == ["capture", "replay", "replay", "replay"]
+    assert schedule(None, 1) == ["run", "run", "run"]  # wide steps: never captured
+    compiled = (model.sequential_block, model.parallel_block)  # stands in for compiled blocks
+    assert schedule(compiled, 1) == ["run", "capture", "replay", "replay"]
