@@ -3836,7 +3836,15 @@ def evaluate_ttt(ctx: RunContext, h: Hyperparameters | None = None, baseline: bo
         log("ttt attention_backend:varlen (FA4 is slower in TTT's CUDA graphs)")
     try:
         model_fn = ttt_model_fn(model, h)
-        warmup_s = warm_up_ttt(model_fn, model, h, ctx.luts, ctx.device)
+        try:
+            warmup_s = warm_up_ttt(model_fn, model, h, ctx.luts, ctx.device)
+        except Exception as e:  # a failed compile (Dynamo wraps a backend's failure): TTT can still run eagerly
+            if model.regions is None or not isinstance(e, torch._dynamo.exc.TorchDynamoException):
+                raise
+            log(f"WARNING: compiling TTT's blocks failed ({type(e).__name__}: {' '.join(str(e).split())[:240]}); "
+                f"TTT runs them eagerly, as with TTT_COMPILE=0")
+            model.regions = None
+            warmup_s = warm_up_ttt(model_fn, model, h, ctx.luts, ctx.device)
         log(f"ttt_warmup:{warmup_s:.1f}s (synthetic tokens{', compiling' if model.regions else ''})")
         result = timed_score(log, "ttt", lambda: eval_val_ttt(model_fn, model, ctx.val_tokens, h, ctx.luts,
                                                               ctx.device, log))

@@ -9,6 +9,7 @@ start two gloo processes. Run: python3 -m pytest -q tests/test_ttt.py
 """
 import copy
 import math
+import types
 import random
 
 import pytest
@@ -693,3 +694,27 @@ def test_the_runner_captures_each_shape_once_and_compiled_shapes_only_after_one_
     assert schedule(None, 1) == ["run", "run", "run"]  # wide steps: never captured
     compiled = (model.sequential_block, model.parallel_block)  # stands in for compiled blocks
     assert schedule(compiled, 1) == ["run", "capture", "replay", "replay"]
+
+
+def test_a_failed_compile_of_the_blocks_leaves_ttt_to_run_them_eagerly(setup, monkeypatch):
+    """TTT_COMPILE=1 where torch.compile fails (here a backend that raises): one warning line, and
+    TTT runs the blocks eagerly, with the scores of TTT_COMPILE=0; the run is not lost."""
+    h, model, luts, val = setup
+    tokens = docs_of_lengths(val, (60, 40))
+    lines = []
+    ctx = types.SimpleNamespace(h=hparams_like(h, val_doc_fraction=1.0), log=lines.append, model=model, device=CPU,
+                                luts=luts, val_tokens=tokens)
+    plain = tg.evaluate_ttt(ctx)
+    torch._dynamo.reset()
+
+    def failing(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    real = tg.ttt_model_fn
+    monkeypatch.setattr(tg, "ttt_model_fn", lambda m, hp: real(m, hparams_like(hp, ttt_compile=True), backend=failing))
+    lines.clear()
+    fallback = tg.evaluate_ttt(ctx)
+    warnings = [line for line in lines if line.startswith("WARNING: compiling TTT's blocks failed")]
+    assert len(warnings) == 1 and "no compiler here" in warnings[0], lines
+    assert model.regions is None
+    assert fallback["val_bpb"] == plain["val_bpb"]
