@@ -3351,9 +3351,13 @@ class TTTRunner:
         self.score_on = torch.ones((), dtype=torch.float64, device=device)
         self.progress = None  # progress(ci, chunks): called about every 30 s inside a long batch
 
+    def size_for(self, n: int) -> int:
+        """Slots for n documents: ttt_slot_bucket(n), and with compiled blocks never one slot, which
+        torch.compile would specialize and compile again."""
+        return ttt_slot_bucket(max(n, 2) if self.model.regions else n)
+
     def slots_for(self, n: int) -> TTTSlots:
-        # compiled blocks: never one slot, which torch.compile would specialize and compile again
-        size = ttt_slot_bucket(max(n, 2) if self.model.regions else n)
+        size = self.size_for(n)
         if size not in self.slots:
             self.slots[size] = TTTSlots(self.model, self.h, size, self.device)
         return self.slots[size]
