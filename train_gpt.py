@@ -683,15 +683,22 @@ class DocumentPackingLoader:
         self.paths = shard_paths(pattern)
         self.n, self.max_doc_len, self.rank, self.world = local_tokens, max_doc_len, rank, world_size
         self.device = torch.device(device)
-        self.span = world_size * (local_tokens + 1)
+        self.span = self.global_span(local_tokens, world_size)
         self.hold_out = hold_out
-        self.held_shard, self.held_start = hold_out_place(tuple(self.paths), self.span, hold_out) if hold_out else (None, None)
+        self.held_shard, self.held_start = (hold_out_place(tuple(self.paths), self.span, hold_out) if hold_out
+                                            else (None, None))
         self._shard_pool = concurrent.futures.ThreadPoolExecutor(1)
         self._batch_pool = concurrent.futures.ThreadPoolExecutor(1)
         self.shard_index = -1
         self._next_shard = self._shard_pool.submit(self._load_shard, 0)
         self._advance_shard()
         self._next_batch = self._batch_pool.submit(self._prepare)
+
+    @staticmethod
+    def global_span(local_tokens: int, world_size: int) -> int:
+        """Tokens one micro-step takes from the stream: each rank's local_tokens inputs, and one more
+        for its last target."""
+        return world_size * (local_tokens + 1)
 
     def _load_shard(self, index: int):
         tokens = np.array(read_shard(self.paths[index]))  # read fully into memory, off the main thread
@@ -823,7 +830,8 @@ def check_data(h: Hyperparameters, need_train: bool = True) -> None:
         for path in shard_paths(pattern):
             read_shard(path)  # header against file size; raises ShardError naming the file
     if need_train and h.ema_select:
-        hold_out_place(tuple(shard_paths(h.train_files)), h.world_size * (h.local_batch_tokens + 1), h.ema_select)
+        span = DocumentPackingLoader.global_span(h.local_batch_tokens, h.world_size)
+        hold_out_place(tuple(shard_paths(h.train_files)), span, h.ema_select)
     if not os.path.isfile(h.tokenizer_path):
         raise ConfigError(f"tokenizer {h.tokenizer_path} (DATA_DIR={h.data_dir}, VOCAB_SIZE={h.vocab_size}) "
                           f"does not exist: {fetch}")
@@ -1273,7 +1281,7 @@ _ROTARY_CACHE: dict = {}  # (rope_dims, base, device) -> cos/sin [2, longest len
 def rotary_tables(positions: int, rope_dims: int, base: float, device) -> tuple[Tensor, Tensor]:
     """cos/sin [positions, rope_dims/2] for partial RoPE (only the first rope_dims of a head rotate)."""
     table = _rotary_table(positions, rope_dims, base, device)
-    return table[0, :positions], table[1, :positions]
+    return table[0], table[1]
 
 
 @torch.compiler.assume_constant_result
@@ -3365,17 +3373,18 @@ class TTTRunner:
     def step(self, model_fn, tokens: Tensor, slots: TTTSlots, context: int, luts, train: bool):
         """One chunk step over windows of `context` tokens (the longest row's)."""
         padded = ttt_context_bucket(context, self.h.ttt_chunk_size, self.h.ttt_eval_seq_len)
-        graphed = self.graphs_on and (self.model.regions is not None or slots.size * padded < self.eager_from)
+        compiled = self.model.regions is not None
+        graphed = self.graphs_on and (compiled or slots.size * padded < self.eager_from)
         context = padded if graphed else context
         run = lambda: ttt_chunk_step(model_fn, tokens, slots, self.ci, context, self.h, luts, self.sums, train,
-                                     self.score_on, grad=self.model.regions is not None)
+                                     self.score_on, grad=compiled)
         if not graphed:
             return run()
         if tokens is not self.tokens:  # graphs read the tokens they were captured with
             self.graphs.clear()
             self.tokens = tokens
         key = (slots.size, context, train)
-        if self.model.regions and key not in self.seen:
+        if compiled and key not in self.seen:
             self.seen.add(key)  # a compiled block may compile again at a new shape: never inside a capture
             return run()
         if key not in self.graphs:
