@@ -3113,8 +3113,18 @@ class BatchedLoRA:
             self.A0[name] = torch.empty(slots, 1, rank, d_in, device=device).uniform_(-bound, bound, generator=g)
             self.A[name] = self.A0[name].expand(slots, bsz, rank, d_in).contiguous()
             self.B[name] = torch.zeros(slots, bsz, d_out, rank, device=device)
+        self.make_leaves()
+
+    def make_leaves(self):
         self.leaves = {(kind, name): [t[i].detach().requires_grad_() for i in range(t.size(0))]
                        for kind, group in (("A", self.A), ("B", self.B)) for name, t in group.items()}
+
+    def first(self, n: int) -> "BatchedLoRA":
+        """The adapters of the first n documents: views of the same memory (each leaf contiguous)."""
+        view = copy.copy(self)
+        view.A, view.B = ({name: t[:, :n] for name, t in group.items()} for group in (self.A, self.B))
+        view.make_leaves()
+        return view
 
     def tensors(self) -> list[Tensor]:
         """The stacked tensors, in the order of self.leaves."""
@@ -3122,14 +3132,6 @@ class BatchedLoRA:
 
     def leaf_list(self) -> list[Tensor]:
         return [leaf for group in self.leaves.values() for leaf in group]
-
-    def stacked(self, grads: list[Tensor]) -> list[Tensor]:
-        """Per-leaf gradients (leaf_list order) stacked like tensors()."""
-        out, i = [], 0
-        for group in self.leaves.values():
-            out.append(torch.stack(grads[i:i + len(group)]))
-            i += len(group)
-        return out
 
     def slot(self, slot: int, head: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
         """One virtual layer's adapters (or, head=True, the head's): name -> (A, B) leaves. Every
@@ -3165,39 +3167,49 @@ def lora_shapes(model: GPT, h: Hyperparameters) -> dict[str, tuple[int, int, int
 
 class LoRAOptimizer:
     """AdamW (or SGD with momentum) over batched LoRA tensors [slots, docs, ...], one step per chunk.
-    TTT defaults: lr 1e-4, betas (0, 0.999), eps 1e-10, weight decay 0.5. The step count is a
-    device tensor, so a CUDA graph of the step replays with the right bias corrections."""
+    TTT defaults: lr 1e-4, betas (0, 0.999), eps 1e-10, weight decay 0.5. It updates each slot's
+    part (tensor[i], the memory of BatchedLoRA's leaf i) from that leaf's own gradient, so the
+    gradients are never stacked; AdamW is torch's fused multi-tensor kernel (one pass over the
+    parameters, gradients and moments: at 64 documents the foreach form took 14 ms a step). The
+    step count is a device tensor, so a CUDA graph of the step replays with the right bias corrections."""
 
     def __init__(self, params, h: Hyperparameters):
-        self.params, self.h = list(params), h
-        self.t = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params] if h.ttt_optimizer == "adam" else None
+        stacked, self.h = list(params), h
+        self.t = torch.zeros((), dtype=torch.float32, device=stacked[0].device)
+        self.m = [torch.zeros_like(p) for p in stacked]
+        self.v = [torch.zeros_like(p) for p in stacked] if h.ttt_optimizer == "adam" else None
+        # each stacked tensor's slots t[0], t[1], ...: the order of BatchedLoRA.leaf_list()
+        self.parts = [[t[i] for t in ts for i in range(t.size(0))] for ts in (stacked, self.m, self.v or [])]
 
     def state(self) -> list[Tensor]:
         return self.m + (self.v or [])
 
+    def first(self, n: int, params: list[Tensor]) -> "LoRAOptimizer":
+        """The optimizer of the first n documents, whose stacked tensors are params (views): its
+        moments are views of these moments, and its step count is this one."""
+        view = copy.copy(self)
+        view.m = [t[:, :n] for t in self.m]
+        view.v = [t[:, :n] for t in self.v] if self.v is not None else None
+        view.parts = [[t[i] for t in ts for i in range(t.size(0))] for ts in (params, view.m, view.v or [])]
+        return view
+
     @torch.no_grad()
     def step(self, grads: list[Tensor]):
+        """grads: one per slot part (leaf_list order)."""
         h = self.h
+        params, m, v = self.parts
         self.t += 1
         if self.v is None:  # SGD with momentum TTT_BETA1 and L2 weight decay
-            grads = torch._foreach_add(grads, self.params, alpha=h.ttt_weight_decay)
-            torch._foreach_mul_(self.m, h.ttt_beta1)
-            torch._foreach_add_(self.m, grads)
-            torch._foreach_add_(self.params, self.m, alpha=-h.ttt_lora_lr)
+            grads = torch._foreach_add(grads, params, alpha=h.ttt_weight_decay)
+            torch._foreach_mul_(m, h.ttt_beta1)
+            torch._foreach_add_(m, grads)
+            torch._foreach_add_(params, m, alpha=-h.ttt_lora_lr)
             return
-        b1, b2 = h.ttt_beta1, h.ttt_beta2
-        torch._foreach_lerp_(self.m, grads, 1 - b1)
-        torch._foreach_mul_(self.v, b2)
-        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)
-        denom = torch._foreach_sqrt(self.v)
-        torch._foreach_mul_(denom, torch.rsqrt(1 - b2 ** self.t).float())
-        torch._foreach_add_(denom, 1e-10)
-        torch._foreach_mul_(self.params, 1 - h.ttt_lora_lr * h.ttt_weight_decay)
-        update = torch._foreach_div(self.m, denom)
-        torch._foreach_mul_(update, (-h.ttt_lora_lr / (1 - b1 ** self.t)).float())
-        torch._foreach_add_(self.params, update)
+        # the CUDA kernel wants each gradient strided like its parameter (autograd's may be transposed)
+        grads = [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g) for g, p in zip(grads, params)]
+        torch._fused_adamw_(params, grads, m, v, [], [self.t] * len(params), lr=h.ttt_lora_lr,
+                            beta1=h.ttt_beta1, beta2=h.ttt_beta2, weight_decay=h.ttt_weight_decay, eps=1e-10,
+                            amsgrad=False, maximize=False)
 
 
 def split_documents(tokens: Tensor) -> list[tuple[int, int]]:
@@ -3281,17 +3293,27 @@ def ttt_chunk_inputs(tokens: Tensor, starts: Tensor, pred_lens: Tensor, ci, chun
 class TTTSlots:
     """Device state for up to `size` documents of a batch: adapters, optimizer state, and each
     document's start, target count and chunk count (0: an empty slot, scored and trained never).
-    Allocated once per size and reused by every batch, so CUDA graphs replay on the same memory."""
+    Allocated once and reused by every batch, so CUDA graphs replay on the same memory; first(n)
+    is the state of its first n documents, in the same memory, so a batch moves to fewer slots as
+    its documents finish (longest first) without copying anything."""
 
     def __init__(self, model: GPT, h: Hyperparameters, size: int, device):
-        self.size = size
+        self.size, self.views = size, {}
         self.lora = BatchedLoRA(lora_shapes(model, h), size, h.ttt_lora_rank, device, h.seed)
         self.opt = LoRAOptimizer(self.lora.tensors(), h)
         self.docs = torch.zeros(3, size, dtype=torch.int64, device=device)  # start, pred_len, chunks
 
-    def batched(self) -> list[Tensor]:
-        """Every tensor with a document dimension (dim 1)."""
-        return self.lora.tensors() + self.opt.state() + [self.docs]
+    def first(self, n: int) -> "TTTSlots":
+        """A view of the first n documents (made once per n: graphs captured on it replay on it)."""
+        if n == self.size:
+            return self
+        if n not in self.views:
+            view = copy.copy(self)
+            view.size, view.views, view.docs = n, {}, self.docs[:, :n]
+            view.lora = self.lora.first(n)
+            view.opt = self.opt.first(n, view.lora.tensors())
+            self.views[n] = view
+        return self.views[n]
 
     @torch.no_grad()
     def load(self, batch: list[tuple[int, int]], chunk: int):
@@ -3302,13 +3324,6 @@ class TTTSlots:
         counts = ttt_chunk_counts(batch, chunk)
         rows = [(s, n - 1, c) for (s, n), c in zip(batch, counts)] + [(0, 0, 0)] * (self.size - len(batch))
         self.docs.copy_(torch.tensor(rows).T)
-
-    @torch.no_grad()
-    def take_first(self, other: "TTTSlots"):
-        """The first `size` documents of other, as they are now (a batch moving to fewer slots)."""
-        for mine, theirs in zip(self.batched(), other.batched()):
-            mine.copy_(theirs[:, :self.size])
-        self.opt.t.copy_(other.opt.t)
 
 
 def ttt_chunk_step(model_fn, tokens: Tensor, slots: TTTSlots, ci, context: int, h: Hyperparameters, luts,
@@ -3331,29 +3346,32 @@ def ttt_chunk_step(model_fn, tokens: Tensor, slots: TTTSlots, ci, context: int, 
     if train:  # a document's last chunk teaches nothing
         per_doc = torch.where(scored, loss, 0).sum(1) / scored.sum(1).clamp_min(1)
         objective = torch.where(chunks > ci + 1, per_doc, 0).sum()
-        slots.opt.step(slots.lora.stacked(torch.autograd.grad(objective, slots.lora.leaf_list())))
+        slots.opt.step(torch.autograd.grad(objective, slots.lora.leaf_list()))
 
 
-# Without compiled blocks (TTT_COMPILE=0), chunk steps of at least this many slot x window tokens
-# run eagerly at their exact window: there the GPU is busy anyway (64 x 2048: 486 ms per step
-# eagerly and as a graph, on one H200) and a rounded-up window would only add work. With them, every
-# step is a graph: a compiled step of 16 to 64 slots x 2048 took ~75 ms whatever its slot count,
-# the host's pace (17 blocks' wrappers and guards, forward and backward).
+# Chunk steps of at least this many slot x window tokens run uncaptured at their exact window, not
+# as a graph at a window rounded up to 32 x 2^k: there the GPU is busy anyway and the padding is
+# work. One H200, default model: eager blocks (TTT_COMPILE=0) took 486 ms at 64 x 2048 eagerly and as
+# a graph; compiled blocks uncaptured cost the host ~55-80 ms a step at any shape (17 blocks'
+# wrappers and guards), which GPU work hides from about 64 slots x 1024 tokens (graphed: 16 x 2048
+# 66 ms, 64 x 2048 243 ms, within 4% of uncaptured).
 TTT_EAGER_TOKENS = 32768
+TTT_EAGER_TOKENS_COMPILED = 65536
 
 
 class TTTRunner:
     """Runs chunk steps for one evaluation: the slot state per size, the score sums, and (CUDA,
-    TTT_CUDA_GRAPHS=1) one CUDA graph per (slots, rounded-up window, train) captured at its first
-    use and replayed after, for steps under eager_from tokens (every step with compiled blocks; each
-    shape then runs once uncaptured first, where it may compile). Eagerly a chunk step launches ~4,400
-    small kernels, so the host, not the GPU, set the pace of the smaller steps. The graphs share one
-    memory pool: they never run at once, and every tensor that outlives a step is allocated outside them."""
+    TTT_CUDA_GRAPHS=1) one CUDA graph per (slots view, rounded-up window, train) captured at its first
+    use and replayed after, for steps under eager_from tokens (default TTT_EAGER_TOKENS, or
+    TTT_EAGER_TOKENS_COMPILED with compiled blocks, where each shape first runs once uncaptured,
+    since it may compile). Eagerly a chunk step launches ~4,400 small kernels, so the host, not the
+    GPU, set the pace of the smaller steps. The graphs share one memory pool: they never run at
+    once, and every tensor that outlives a step is allocated outside them."""
 
-    def __init__(self, model: GPT, h: Hyperparameters, device, graphs: bool, eager_from: float = TTT_EAGER_TOKENS):
+    def __init__(self, model: GPT, h: Hyperparameters, device, graphs: bool, eager_from: float | None = None):
         self.model, self.h, self.device, self.eager_from = model, h, device, eager_from
         self.graphs_on = graphs and torch.device(device).type == "cuda"
-        self.slots, self.graphs, self.pool, self.tokens, self.seen = {}, {}, None, None, set()
+        self.base, self.graphs, self.pool, self.tokens, self.seen = None, {}, None, None, set()
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.ci = torch.zeros((), dtype=torch.int64, device=device)
         self.score_on = torch.ones((), dtype=torch.float64, device=device)
@@ -3364,18 +3382,30 @@ class TTTRunner:
         torch.compile would specialize and compile again."""
         return ttt_slot_bucket(max(n, 2) if self.model.regions else n)
 
-    def slots_for(self, n: int) -> TTTSlots:
+    def graphed(self, n: int, context: int) -> bool:
+        """Whether a step of n documents over `context` tokens replays a graph (of size_for(n) slots
+        and the rounded-up window); if not, it runs on exactly n slots (two at least with compiled
+        blocks) and its own window."""
+        eager_from = self.eager_from or (TTT_EAGER_TOKENS_COMPILED if self.model.regions else TTT_EAGER_TOKENS)
+        padded = ttt_context_bucket(context, self.h.ttt_chunk_size, self.h.ttt_eval_seq_len)
+        return self.graphs_on and self.size_for(n) * padded < eager_from
+
+    def slots_for(self, n: int, context: int = 0) -> TTTSlots:
+        """The slots for a step of n documents over `context` tokens: a view of the first ones of
+        the one TTTSlots this runner allocates (for TTT_BATCH_SIZE documents, or more if asked)."""
         size = self.size_for(n)
-        if size not in self.slots:
-            self.slots[size] = TTTSlots(self.model, self.h, size, self.device)
-        return self.slots[size]
+        if self.base is None or self.base.size < size:
+            self.base = TTTSlots(self.model, self.h, max(size, self.size_for(self.h.ttt_batch_size)), self.device)
+            self.graphs.clear()  # captured on the old memory
+        if context and not self.graphed(n, context):
+            size = max(n, 2) if self.model.regions else n
+        return self.base.first(size)
 
     def step(self, model_fn, tokens: Tensor, slots: TTTSlots, context: int, luts, train: bool):
         """One chunk step over windows of `context` tokens (the longest row's)."""
-        padded = ttt_context_bucket(context, self.h.ttt_chunk_size, self.h.ttt_eval_seq_len)
         compiled = self.model.regions is not None
-        graphed = self.graphs_on and (compiled or slots.size * padded < self.eager_from)
-        context = padded if graphed else context
+        graphed = self.graphed(slots.size, context)
+        context = ttt_context_bucket(context, self.h.ttt_chunk_size, self.h.ttt_eval_seq_len) if graphed else context
         run = lambda: ttt_chunk_step(model_fn, tokens, slots, self.ci, context, self.h, luts, self.sums, train,
                                      self.score_on, grad=compiled)
         if not graphed:
@@ -3383,7 +3413,7 @@ class TTTRunner:
         if tokens is not self.tokens:  # graphs read the tokens they were captured with
             self.graphs.clear()
             self.tokens = tokens
-        key = (slots.size, context, train)
+        key = (slots, context, train)  # a graph replays on the memory it was captured on
         if compiled and key not in self.seen:
             self.seen.add(key)  # a compiled block may compile again at a new shape: never inside a capture
             return run()
@@ -3401,21 +3431,17 @@ def ttt_batch(model_fn, model: GPT, tokens: Tensor, batch: list, h: Hyperparamet
     """Score-first TTT over one batch of documents (longest first). Returns (nats, bytes, tokens).
     adapt=False scores the same windows without training: the baseline TTT is measured against.
     The documents still active at chunk ci are the first ones (longest first); the slots shrink
-    to fewer as documents finish, carrying their adapters and optimizer state along."""
+    to fewer as documents finish (views of the same memory, adapters and optimizer state included)."""
     runner = runner or TTTRunner(model, h, tokens.device, graphs=False)
     total = ttt_chunk_counts(batch, h.ttt_chunk_size)[0]
     runner.sums.zero_()
-    slots, last_report = None, time.perf_counter()
+    runner.slots_for(len(batch)).load(batch, h.ttt_chunk_size)
+    last_report = time.perf_counter()
     for ci, active, window in ttt_schedule(batch, h):
         if runner.progress and time.perf_counter() - last_report > 30:
             runner.progress(ci, total)
             last_report = time.perf_counter()
-        now = runner.slots_for(active)
-        if slots is None:
-            now.load(batch, h.ttt_chunk_size)
-        elif now is not slots:
-            now.take_first(slots)
-        slots = now
+        slots = runner.slots_for(active, window)
         train = adapt and total > ci + 1
         runner.ci.fill_(ci)
         for step in range(h.ttt_grad_steps if train else 1):

@@ -281,7 +281,7 @@ def test_instrumented_stamps_and_restores_the_optimizer():
     calls = []
     with bt.instrumented(tg, lambda *a: calls.append(a) or torch.ones(2), torch.device("cpu")) as (model_fn, stamps):
         assert tg.LoRAOptimizer.step is not original
-        p = torch.ones(3)
+        p = torch.ones(1, 3)  # one slot
         opt = tg.LoRAOptimizer([p], H)
         assert model_fn(1, 2).tolist() == [1.0, 1.0] and calls == [(1, 2)]
         opt.step([torch.ones(3)])

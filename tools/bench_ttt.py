@@ -38,7 +38,7 @@ TTTRunner(graphs=False) and TTTRunner(graphs=True) whatever TTT_CUDA_GRAPHS says
            score+backward  the rest of the step: the chunk inputs (ttt_chunk_inputs), the
                            no_grad sums of nats, bytes and scored tokens, the per-document mean
                            loss and autograd.grad into the LoRA tensors
-           optimizer       LoRAOptimizer.step(grads) (foreach AdamW over the adapter tensors)
+           optimizer       LoRAOptimizer.step(grads) (torch's fused AdamW over each slot's adapter parts)
        With --profile-steps > 0, that many more eager steps under torch.profiler, with
        record_function ranges opened in the wrapped model_fn and the patched step: GPU kernel
        time and launch count per region, a kernel belonging to the region of the CPU op that
