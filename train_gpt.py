@@ -3349,14 +3349,14 @@ def ttt_chunk_step(model_fn, tokens: Tensor, slots: TTTSlots, ci, context: int, 
         slots.opt.step(torch.autograd.grad(objective, slots.lora.leaf_list()))
 
 
-# Chunk steps of at least this many slot x window tokens run uncaptured at their exact window, not
-# as a graph at a window rounded up to 32 x 2^k: there the GPU is busy anyway and the padding is
-# work. One H200, default model: eager blocks (TTT_COMPILE=0) took 486 ms at 64 x 2048 eagerly and as
-# a graph; compiled blocks uncaptured cost the host ~55-80 ms a step at any shape (17 blocks'
-# wrappers and guards), which GPU work hides from about 64 slots x 1024 tokens (graphed: 16 x 2048
-# 66 ms, 64 x 2048 243 ms, within 4% of uncaptured).
+# Chunk steps of at least this many slot x window tokens run uncaptured at their exact window and
+# on exactly their documents, not as a graph rounded up to 32 x 2^k tokens and 1, 2, 3, 4, 6, 8, ...
+# slots: there the GPU is busy anyway and the padding is work. One H200, default model: eager blocks
+# (TTT_COMPILE=0) took 486 ms at 64 x 2048 eagerly and as a graph; compiled blocks cost the host
+# ~55-80 ms a step uncaptured, at any shape (17 blocks' wrappers and guards), which the GPU's work
+# hides from 24 slots x 2048 (or 48 x 1024) tokens on (graphed: 16 x 2048 66 ms, 64 x 2048 243 ms).
 TTT_EAGER_TOKENS = 32768
-TTT_EAGER_TOKENS_COMPILED = 65536
+TTT_EAGER_TOKENS_COMPILED = 49152
 
 
 class TTTRunner:
