@@ -398,6 +398,8 @@ def test_breakdown_of_synthetic_step():
     # kernels: [1000,1005] [1006,1008] [1010,1017] [1012,1015] [1020,1024] [1030,1031] -> 5+2+7+4+1 = 19 us busy
     assert busy == pytest.approx(0.019)
     assert bd["top_kernels"][0]["name"].startswith("nvjet") and bd["top_kernels"][0]["component"] == bt.MATMULS
+    launches = sum(k["launches_per_step"] for k in bd["top_kernels"])
+    assert launches == pytest.approx(sum(r["kernels_per_step"] for r in bd["components"]))  # every kernel kept
     text = bt.format_breakdown(bd)
     assert "Muon: Newton-Schulz" in text and "GPU busy" in text and "largest kernels" in text
     empty = bt.breakdown([], steps=3, wall_ms_per_step=10.0, busy_ms_per_step=0.0)

@@ -483,24 +483,27 @@ def busy_us(intervals) -> float:
 
 
 def breakdown(records, steps: int, wall_ms_per_step: float | None = None, busy_ms_per_step: float | None = None,
-              top: int = 12) -> dict:
-    """Per-component GPU time per step from kernel_records(); the largest kernels by name too."""
+              top: int = 300) -> dict:
+    """Per-component GPU time per step from kernel_records(); the `top` largest kernels by name too,
+    with their launches per step (the JSON keeps them all for reading later; the text shows 12)."""
     if steps < 1:
         raise ValueError("steps must be at least 1")
     by_component: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.defaultdict(int)
     by_kernel: dict[tuple[str, str], float] = collections.defaultdict(float)
+    launches: dict[tuple[str, str], int] = collections.defaultdict(int)
     for name, scope, us, count in records:
         comp = classify_kernel(name, scope)
         by_component[comp] += us
         counts[comp] += count
         by_kernel[(name, comp)] += us
+        launches[(name, comp)] += count
     total_us = sum(by_component.values())
     rows = [{"component": c, "ms_per_step": us / 1000 / steps, "percent": 100 * us / total_us if total_us else 0.0,
              "kernels_per_step": counts[c] / steps}
             for c, us in sorted(by_component.items(), key=lambda kv: -kv[1])]
     kernels = [{"name": n, "component": c, "ms_per_step": us / 1000 / steps,
-                "percent": 100 * us / total_us if total_us else 0.0}
+                "percent": 100 * us / total_us if total_us else 0.0, "launches_per_step": launches[(n, c)] / steps}
                for (n, c), us in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]]
     return {"steps": steps, "kernel_ms_per_step": total_us / 1000 / steps, "components": rows,
             "top_kernels": kernels, "wall_ms_per_step": wall_ms_per_step, "busy_ms_per_step": busy_ms_per_step}
@@ -521,7 +524,7 @@ def format_breakdown(bd: dict) -> str:
         lines.append(line)
     if bd["top_kernels"]:
         lines.append("  largest kernels:")
-        for k in bd["top_kernels"]:
+        for k in bd["top_kernels"][:12]:
             name = k["name"] if len(k["name"]) <= 90 else k["name"][:87] + "..."
             lines.append(f"    {k['ms_per_step']:8.2f} ms {k['percent']:5.1f}%  [{k['component']}] {name}")
     return "\n".join(lines)
