@@ -3378,14 +3378,12 @@ class TTTRunner:
         self.progress = None  # progress(ci, chunks): called about every 30 s inside a long batch
 
     def size_for(self, n: int) -> int:
-        """Slots for n documents: ttt_slot_bucket(n), and with compiled blocks never one slot, which
-        torch.compile would specialize and compile again."""
-        return ttt_slot_bucket(max(n, 2) if self.model.regions else n)
+        """Slots for a graphed step of n documents."""
+        return ttt_slot_bucket(n)
 
     def graphed(self, n: int, context: int) -> bool:
         """Whether a step of n documents over `context` tokens replays a graph (of size_for(n) slots
-        and the rounded-up window); if not, it runs on exactly n slots (two at least with compiled
-        blocks) and its own window."""
+        and the rounded-up window); if not, it runs on exactly n slots and its own window."""
         eager_from = self.eager_from or (TTT_EAGER_TOKENS_COMPILED if self.model.regions else TTT_EAGER_TOKENS)
         padded = ttt_context_bucket(context, self.h.ttt_chunk_size, self.h.ttt_eval_seq_len)
         return self.graphs_on and self.size_for(n) * padded < eager_from
@@ -3398,7 +3396,7 @@ class TTTRunner:
             self.base = TTTSlots(self.model, self.h, max(size, self.size_for(self.h.ttt_batch_size)), self.device)
             self.graphs.clear()  # captured on the old memory
         if context and not self.graphed(n, context):
-            size = max(n, 2) if self.model.regions else n
+            size = n
         return self.base.first(size)
 
     def step(self, model_fn, tokens: Tensor, slots: TTTSlots, context: int, luts, train: bool):
@@ -3720,6 +3718,8 @@ def compile_blocks(model: GPT, compile_fn, dynamic_rows: bool = False) -> tuple:
     takes its layer's weights and adapters as arguments, so one compiled block serves every layer
     and any depth (regional compilation). dynamic_rows: the rows and their length are marked
     dynamic at each call (TTT: the slot count and the window change from step to step)."""
+    import torch.fx.experimental._config as fx_config
+
     def region(block):
         compiled = compile_fn(block)
         if not dynamic_rows:
@@ -3731,7 +3731,10 @@ def compile_blocks(model: GPT, compile_fn, dynamic_rows: bool = False) -> tuple:
                 torch._dynamo.maybe_mark_dynamic(t, 1)
             for t in list(args[-5]) + [t for pair in (args[-2] or {}).values() for t in pair]:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
-            return compiled(w, *args)
+            # a dynamic size is otherwise traced as >= 2, and one slot (a long document's last
+            # chunks) would compile again: traced size-obliviously, one graph takes any count
+            with fx_config.patch(backed_size_oblivious=True):
+                return compiled(w, *args)
         return call
 
     return region(model.sequential_block), region(model.parallel_block)
