@@ -3576,9 +3576,21 @@ def eval_val_ttt(model_fn, model: GPT, val_tokens: Tensor, h: Hyperparameters, l
     return loss_sum / max(count, 1), bits_per_byte(loss_sum, byte_sum)
 
 
+class TTTMismatch(RuntimeError):
+    """Compiled TTT blocks scored the warmup's synthetic batch unlike the plain ones."""
+
+
+def same_scores(got: tuple, want: tuple) -> bool:
+    """TTT sums (nats, bytes, count) of one batch, two ways. cuBLAS may pick other kernels under
+    capture or compile, and ~70 adapter steps amplify their rounding (8e-5 relative seen on a
+    trained model); a graph reading the wrong memory or a wrong kernel is far off."""
+    return math.isclose(got[0], want[0], rel_tol=1e-3) and got[1:] == want[1:]
+
+
 def warm_up_ttt(model_fn, model: GPT, h: Hyperparameters, luts, device) -> float:
     """Warm up the TTT step on synthetic random tokens (never validation data): once uncaptured,
-    then, with CUDA graphs on, once captured, which must score the same; returns seconds."""
+    then, with CUDA graphs on, once captured, which must score the same; compiled blocks must also
+    score as the plain ones (TTTMismatch otherwise). Returns seconds."""
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     # compiled blocks take any window (dynamic shapes): two short documents compile them; eager
@@ -3590,12 +3602,18 @@ def warm_up_ttt(model_fn, model: GPT, h: Hyperparameters, luts, device) -> float
     fake, batch = fake.to(device), [(0, n), (n, n - 2 * h.ttt_chunk_size)]
     with frozen(model):
         eager = ttt_batch(model_fn, model, fake, batch, h, luts)
+        if model.regions:  # the same batch through the plain blocks
+            regions, model.regions = model.regions, None
+            try:
+                plain = ttt_batch(model_fn, model, fake, batch, h, luts)
+            finally:
+                model.regions = regions
+            if not same_scores(eager, plain):
+                raise TTTMismatch(f"TTT's compiled blocks scored {eager} where the plain blocks scored {plain}")
         runner = TTTRunner(model, h, device, graphs=h.ttt_cuda_graphs)
         if runner.graphs_on:
             graphed = ttt_batch(model_fn, model, fake, batch, h, luts, runner=runner)
-            # cuBLAS may pick other kernels under capture, and ~70 adapter steps amplify their rounding
-            # (8e-5 relative seen on a trained model); a graph reading the wrong memory is far off
-            if not math.isclose(graphed[0], eager[0], rel_tol=1e-3) or graphed[1:] != eager[1:]:
+            if not same_scores(graphed, eager):
                 raise RuntimeError(f"TTT under CUDA graphs scored {graphed} where the eager step scored {eager}; "
                                    f"run with TTT_CUDA_GRAPHS=0 and report this")
     return time.perf_counter() - t0
@@ -3880,8 +3898,8 @@ def evaluate_ttt(ctx: RunContext, h: Hyperparameters | None = None, baseline: bo
         model_fn = ttt_model_fn(model, h)
         try:
             warmup_s = warm_up_ttt(model_fn, model, h, ctx.luts, ctx.device)
-        except Exception as e:  # a failed compile (Dynamo wraps a backend's failure): TTT can still run eagerly
-            if model.regions is None or not isinstance(e, torch._dynamo.exc.TorchDynamoException):
+        except Exception as e:  # a failed or wrong compile (Dynamo wraps a backend's failure): TTT can still run eagerly
+            if model.regions is None or not isinstance(e, (torch._dynamo.exc.TorchDynamoException, TTTMismatch)):
                 raise
             log(f"WARNING: compiling TTT's blocks failed ({type(e).__name__}: {' '.join(str(e).split())[:240]}); "
                 f"TTT runs them eagerly, as with TTT_COMPILE=0")

@@ -747,9 +747,21 @@ def test_the_runner_captures_each_shape_once_and_compiled_shapes_only_after_one_
     assert tg.TTT_EAGER_TOKENS_COMPILED > tg.TTT_EAGER_TOKENS  # the compiled blocks' host cost hides behind more work
 
 
-def test_a_failed_compile_of_the_blocks_leaves_ttt_to_run_them_eagerly(setup, monkeypatch):
-    """TTT_COMPILE=1 where torch.compile fails (here a backend that raises): one warning line, and
-    TTT runs the blocks eagerly, with the scores of TTT_COMPILE=0; the run is not lost."""
+def _raising_backend(gm, example_inputs):
+    raise RuntimeError("no compiler here")
+
+
+def _wrong_backend(gm, example_inputs):
+    """Runs the traced graph with every output scaled: a compile that runs but computes wrongly."""
+    return lambda *args: [o * 1.5 if isinstance(o, torch.Tensor) else o for o in gm.forward(*args)]
+
+
+@pytest.mark.parametrize("backend, message", [(_raising_backend, "no compiler here"),
+                                              (_wrong_backend, "TTTMismatch")])
+def test_a_failed_compile_of_the_blocks_leaves_ttt_to_run_them_eagerly(setup, monkeypatch, backend, message):
+    """TTT_COMPILE=1 where torch.compile fails (a backend that raises) or computes other numbers
+    than the plain blocks on the warmup's synthetic batch: one warning line, and TTT runs the blocks
+    eagerly, with the scores of TTT_COMPILE=0; the run is not lost."""
     h, model, luts, val = setup
     tokens = docs_of_lengths(val, (60, 40))
     lines = []
@@ -757,15 +769,11 @@ def test_a_failed_compile_of_the_blocks_leaves_ttt_to_run_them_eagerly(setup, mo
                                 luts=luts, val_tokens=tokens)
     plain = tg.evaluate_ttt(ctx)
     torch._dynamo.reset()
-
-    def failing(gm, example_inputs):
-        raise RuntimeError("no compiler here")
-
     real = tg.ttt_model_fn
-    monkeypatch.setattr(tg, "ttt_model_fn", lambda m, hp: real(m, hparams_like(hp, ttt_compile=True), backend=failing))
+    monkeypatch.setattr(tg, "ttt_model_fn", lambda m, hp: real(m, hparams_like(hp, ttt_compile=True), backend=backend))
     lines.clear()
     fallback = tg.evaluate_ttt(ctx)
     warnings = [line for line in lines if line.startswith("WARNING: compiling TTT's blocks failed")]
-    assert len(warnings) == 1 and "no compiler here" in warnings[0], lines
+    assert len(warnings) == 1 and message in warnings[0], lines
     assert model.regions is None
     assert fallback["val_bpb"] == plain["val_bpb"]
