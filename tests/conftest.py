@@ -40,6 +40,20 @@ for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "data")):
 
 
 
+# Module fixtures that take seconds to build (a training run, a checkpoint, two gloo ranks). xdist
+# would build one in every worker that draws one of its tests; pytest.ini's --dist loadgroup sends
+# all the tests that use one such fixture to the same worker, so it is built once.
+SHARED_FIXTURES = ("trained_run", "checkpoint", "artifact", "two_ranks", "ttt_ranks", "results")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the markers
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if used:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{used[0]}"))
+
+
 @pytest.fixture(autouse=True)
 def _seeded_random():
     """Every test starts from the same random state, whichever tests ran before it in its worker:
