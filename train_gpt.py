@@ -3089,7 +3089,7 @@ def eval_val_sliding(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, dev
 # documents, so the result does not depend on batching or on the number of ranks.
 #
 # Speed: documents of a batch are ordered longest first, and the batch moves to fewer slots as
-# documents finish (adapters and optimizer state carried along), so finished documents stop
+# documents finish (views of the same adapters and optimizer state), so finished documents stop
 # costing compute; slot counts and windows are rounded to a few sizes; the blocks run compiled
 # (TTT_COMPILE, ttt_model_fn) and each step is replayed as a CUDA graph (TTTRunner). None of this
 # changes a number beyond kernel rounding:
@@ -3178,7 +3178,11 @@ class LoRAOptimizer:
         self.t = torch.zeros((), dtype=torch.float32, device=stacked[0].device)
         self.m = [torch.zeros_like(p) for p in stacked]
         self.v = [torch.zeros_like(p) for p in stacked] if h.ttt_optimizer == "adam" else None
-        # each stacked tensor's slots t[0], t[1], ...: the order of BatchedLoRA.leaf_list()
+        self.split(stacked)
+
+    def split(self, stacked: list[Tensor]):
+        """self.parts: the slots t[0], t[1], ... of each parameter (stacked) and moment tensor, in
+        the order of BatchedLoRA.leaf_list()."""
         self.parts = [[t[i] for t in ts for i in range(t.size(0))] for ts in (stacked, self.m, self.v or [])]
 
     def state(self) -> list[Tensor]:
@@ -3190,7 +3194,7 @@ class LoRAOptimizer:
         view = copy.copy(self)
         view.m = [t[:, :n] for t in self.m]
         view.v = [t[:, :n] for t in self.v] if self.v is not None else None
-        view.parts = [[t[i] for t in ts for i in range(t.size(0))] for ts in (params, view.m, view.v or [])]
+        view.split(params)
         return view
 
     @torch.no_grad()
@@ -3360,11 +3364,11 @@ TTT_EAGER_TOKENS_COMPILED = 49152
 
 
 class TTTRunner:
-    """Runs chunk steps for one evaluation: the slot state per size, the score sums, and (CUDA,
-    TTT_CUDA_GRAPHS=1) one CUDA graph per (slots view, rounded-up window, train) captured at its first
-    use and replayed after, for steps under eager_from tokens (default TTT_EAGER_TOKENS, or
-    TTT_EAGER_TOKENS_COMPILED with compiled blocks, where each shape first runs once uncaptured,
-    since it may compile). Eagerly a chunk step launches ~4,400 small kernels, so the host, not the
+    """Runs chunk steps for one evaluation: the slot state (one TTTSlots and its views), the score
+    sums, and (CUDA, TTT_CUDA_GRAPHS=1) one CUDA graph per (slots view, rounded-up window, train)
+    captured at its first use and replayed after, for steps under eager_from tokens (default
+    TTT_EAGER_TOKENS, or TTT_EAGER_TOKENS_COMPILED with compiled blocks, where each shape first
+    runs once uncaptured, since it may compile). Eagerly a chunk step launches ~4,400 small kernels, so the host, not the
     GPU, set the pace of the smaller steps. The graphs share one memory pool: they never run at
     once, and every tensor that outlives a step is allocated outside them."""
 
@@ -3377,23 +3381,19 @@ class TTTRunner:
         self.score_on = torch.ones((), dtype=torch.float64, device=device)
         self.progress = None  # progress(ci, chunks): called about every 30 s inside a long batch
 
-    def size_for(self, n: int) -> int:
-        """Slots for a graphed step of n documents."""
-        return ttt_slot_bucket(n)
-
     def graphed(self, n: int, context: int) -> bool:
-        """Whether a step of n documents over `context` tokens replays a graph (of size_for(n) slots
-        and the rounded-up window); if not, it runs on exactly n slots and its own window."""
+        """Whether a step of n documents over `context` tokens replays a graph (of ttt_slot_bucket(n)
+        slots and the rounded-up window); if not, it runs on exactly n slots and its own window."""
         eager_from = self.eager_from or (TTT_EAGER_TOKENS_COMPILED if self.model.regions else TTT_EAGER_TOKENS)
         padded = ttt_context_bucket(context, self.h.ttt_chunk_size, self.h.ttt_eval_seq_len)
-        return self.graphs_on and self.size_for(n) * padded < eager_from
+        return self.graphs_on and ttt_slot_bucket(n) * padded < eager_from
 
     def slots_for(self, n: int, context: int = 0) -> TTTSlots:
         """The slots for a step of n documents over `context` tokens: a view of the first ones of
         the one TTTSlots this runner allocates (for TTT_BATCH_SIZE documents, or more if asked)."""
-        size = self.size_for(n)
+        size = ttt_slot_bucket(n)
         if self.base is None or self.base.size < size:
-            self.base = TTTSlots(self.model, self.h, max(size, self.size_for(self.h.ttt_batch_size)), self.device)
+            self.base = TTTSlots(self.model, self.h, max(size, ttt_slot_bucket(self.h.ttt_batch_size)), self.device)
             self.graphs.clear()  # captured on the old memory
         if context and not self.graphed(n, context):
             size = n
@@ -3898,7 +3898,7 @@ def evaluate_ttt(ctx: RunContext, h: Hyperparameters | None = None, baseline: bo
         model_fn = ttt_model_fn(model, h)
         try:
             warmup_s = warm_up_ttt(model_fn, model, h, ctx.luts, ctx.device)
-        except Exception as e:  # a failed or wrong compile (Dynamo wraps a backend's failure): TTT can still run eagerly
+        except Exception as e:  # a failed (Dynamo wraps a backend's failure) or wrong compile: TTT can run eagerly
             if model.regions is None or not isinstance(e, (torch._dynamo.exc.TorchDynamoException, TTTMismatch)):
                 raise
             log(f"WARNING: compiling TTT's blocks failed ({type(e).__name__}: {' '.join(str(e).split())[:240]}); "

@@ -669,7 +669,7 @@ def bench_shape(tg, h, model, luts, device, n: int, context: int, args, log=prin
     chunk, window = h.ttt_chunk_size, h.ttt_eval_seq_len
     ci = chunk_index_for_context(context, chunk, window)
     run_context = tg.ttt_context_bucket(min((ci + 1) * chunk, window), chunk, window)
-    size = tg.TTTRunner(model, h, device, graphs=False).size_for(n)  # a graphed step's slots for n documents
+    size = tg.ttt_slot_bucket(n)  # a graphed step's slots for n documents
     tokens, docs = synthetic_stream([training_doc_length(ci, chunk)] * n, h.vocab_size, tg.BOS_ID,
                                     args.seed + n * 100003 + context)
     tokens = tokens.to(device)
