@@ -3381,22 +3381,30 @@ class TTTRunner:
         self.score_on = torch.ones((), dtype=torch.float64, device=device)
         self.progress = None  # progress(ci, chunks): called about every 30 s inside a long batch
 
+    def least_slots(self, n: int) -> int:
+        """Slots for n documents before any rounding: two at least with compiled blocks, since
+        torch.compile specializes a dynamic size of 1 and compiles again. (Traced size-obliviously
+        instead, torch 2.11 baked one window into the one-slot backward graph, and a stride assertion
+        failed at the next window on the H200.)"""
+        return max(n, 2) if self.model.regions else n
+
     def graphed(self, n: int, context: int) -> bool:
-        """Whether a step of n documents over `context` tokens replays a graph (of ttt_slot_bucket(n)
-        slots and the rounded-up window); if not, it runs on exactly n slots and its own window."""
+        """Whether a step of n documents over `context` tokens replays a graph (of
+        ttt_slot_bucket(least_slots(n)) slots and the rounded-up window); if not, it runs on
+        least_slots(n) slots and its own window."""
         eager_from = self.eager_from or (TTT_EAGER_TOKENS_COMPILED if self.model.regions else TTT_EAGER_TOKENS)
         padded = ttt_context_bucket(context, self.h.ttt_chunk_size, self.h.ttt_eval_seq_len)
-        return self.graphs_on and ttt_slot_bucket(n) * padded < eager_from
+        return self.graphs_on and ttt_slot_bucket(self.least_slots(n)) * padded < eager_from
 
     def slots_for(self, n: int, context: int = 0) -> TTTSlots:
         """The slots for a step of n documents over `context` tokens: a view of the first ones of
         the one TTTSlots this runner allocates (for TTT_BATCH_SIZE documents, or more if asked)."""
-        size = ttt_slot_bucket(n)
+        size = ttt_slot_bucket(self.least_slots(n))
         if self.base is None or self.base.size < size:
             self.base = TTTSlots(self.model, self.h, max(size, ttt_slot_bucket(self.h.ttt_batch_size)), self.device)
             self.graphs.clear()  # captured on the old memory
         if context and not self.graphed(n, context):
-            size = n
+            size = self.least_slots(n)
         return self.base.first(size)
 
     def step(self, model_fn, tokens: Tensor, slots: TTTSlots, context: int, luts, train: bool):
@@ -3736,8 +3744,6 @@ def compile_blocks(model: GPT, compile_fn, dynamic_rows: bool = False) -> tuple:
     takes its layer's weights and adapters as arguments, so one compiled block serves every layer
     and any depth (regional compilation). dynamic_rows: the rows and their length are marked
     dynamic at each call (TTT: the slot count and the window change from step to step)."""
-    import torch.fx.experimental._config as fx_config
-
     def region(block):
         compiled = compile_fn(block)
         if not dynamic_rows:
@@ -3749,10 +3755,7 @@ def compile_blocks(model: GPT, compile_fn, dynamic_rows: bool = False) -> tuple:
                 torch._dynamo.maybe_mark_dynamic(t, 1)
             for t in list(args[-5]) + [t for pair in (args[-2] or {}).values() for t in pair]:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
-            # a dynamic size is otherwise traced as >= 2, and one slot (a long document's last
-            # chunks) would compile again: traced size-obliviously, one graph takes any count
-            with fx_config.patch(backed_size_oblivious=True):
-                return compiled(w, *args)
+            return compiled(w, *args)  # a size of 1 would compile again: TTTRunner.least_slots
         return call
 
     return region(model.sequential_block), region(model.parallel_block)
@@ -3898,11 +3901,11 @@ def evaluate_ttt(ctx: RunContext, h: Hyperparameters | None = None, baseline: bo
         model_fn = ttt_model_fn(model, h)
         try:
             warmup_s = warm_up_ttt(model_fn, model, h, ctx.luts, ctx.device)
-        except Exception as e:  # a failed (Dynamo wraps a backend's failure) or wrong compile: TTT can run eagerly
-            if model.regions is None or not isinstance(e, (torch._dynamo.exc.TorchDynamoException, TTTMismatch)):
+        except Exception as e:  # compiled blocks that fail to compile, fail at run time or score wrongly
+            if model.regions is None:
                 raise
-            log(f"WARNING: compiling TTT's blocks failed ({type(e).__name__}: {' '.join(str(e).split())[:240]}); "
-                f"TTT runs them eagerly, as with TTT_COMPILE=0")
+            log(f"WARNING: TTT's compiled blocks failed in the warmup ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:240]}); TTT runs them eagerly, as with TTT_COMPILE=0")
             model.regions = None
             warmup_s = warm_up_ttt(model_fn, model, h, ctx.luts, ctx.device)
         log(f"ttt_warmup:{warmup_s:.1f}s (synthetic tokens{', compiling' if model.regions else ''})")
