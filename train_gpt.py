@@ -3369,8 +3369,8 @@ class TTTRunner:
     """Runs chunk steps for one evaluation: the slot state (one TTTSlots and its views), the score
     sums, and (CUDA, TTT_CUDA_GRAPHS=1) one CUDA graph per (slots view, rounded-up window, train)
     captured at its first use and replayed after, for steps under eager_from tokens (default
-    TTT_EAGER_TOKENS, or TTT_EAGER_TOKENS_COMPILED with compiled blocks, where each shape first
-    runs once uncaptured, since it may compile). Eagerly a chunk step launches ~4,400 small kernels, so the host, not the
+    TTT_EAGER_TOKENS, or TTT_EAGER_TOKENS_COMPILED with compiled blocks, where a shape that would
+    compile runs once uncaptured first). Eagerly a chunk step launches ~4,400 small kernels, so the host, not the
     GPU, set the pace of the smaller steps. The graphs share one memory pool: they never run at
     once, and every tensor that outlives a step is allocated outside them."""
 
@@ -3422,16 +3422,30 @@ class TTTRunner:
             self.graphs.clear()
             self.tokens = tokens
         key = (slots, context, train)  # a graph replays on the memory it was captured on
-        if compiled and key not in self.seen:
-            self.seen.add(key)  # a compiled block may compile again at a new shape: never inside a capture
-            return run()
         if key not in self.graphs:
-            self.pool = self.pool or torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                run()
+            graph = self.capture(run, strict=compiled and key not in self.seen)
+            if graph is None:  # it would have compiled: this once uncaptured (compiling), captured next time
+                self.seen.add(key)
+                return run()
             self.graphs[key] = graph
         self.graphs[key].replay()
+
+    def capture(self, run, strict: bool):
+        """run() captured as a CUDA graph (nothing runs yet). strict (compiled blocks at a shape not
+        run before): under torch.compile's stance fail_on_recompile, so a block that would compile
+        again, which must never happen inside a capture, raises before it traces; any failure of a
+        strict capture gives None. The warmup checks the graphs against the uncaptured step."""
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.compiler.set_stance("fail_on_recompile" if strict else "default"), \
+                    torch.cuda.graph(graph, pool=self.pool):
+                run()
+        except Exception:
+            if not strict:
+                raise
+            return None
+        return graph
 
 
 def ttt_batch(model_fn, model: GPT, tokens: Tensor, batch: list, h: Hyperparameters, luts,

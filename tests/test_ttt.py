@@ -705,13 +705,15 @@ def test_compiled_blocks_score_and_train_the_same(setup):
     assert tg.ttt_model_fn(model, hc) is model and model.regions is None  # on a CPU only with a backend given
 
 
-def test_the_runner_captures_each_shape_once_and_compiled_shapes_only_after_one_plain_run(setup, monkeypatch):
+def test_the_runner_captures_each_shape_once_and_compiled_shapes_uncaptured_only_where_they_compile(
+        setup, monkeypatch):
     """TTTRunner's CUDA-graph schedule, with torch.cuda's graph API replaced by a recorder (the
-    captures themselves need a GPU): eager blocks capture a shape at its first step; compiled blocks
-    run every shape once uncaptured (where it may compile), capture it at its second step, and
-    replay it after; either runs steps of eager_from tokens or more uncaptured, at their own window."""
+    captures themselves need a GPU): a shape is captured at its first step and replayed after; with
+    compiled blocks that capture runs under the stance fail_on_recompile, and where it fails (a block
+    would compile) the step runs uncaptured and the shape is captured at its next step; steps of
+    eager_from tokens or more run uncaptured, at their own window."""
     h, model, luts, val = setup
-    events = []
+    events, state = [], {"capturing": False, "fail": False, "stances": []}
 
     class Graph:
         def replay(self):
@@ -723,25 +725,38 @@ def test_the_runner_captures_each_shape_once_and_compiled_shapes_only_after_one_
 
         def __enter__(self):
             events.append("capture")
+            state["capturing"] = True
 
         def __exit__(self, *exc):
+            state["capturing"] = False
             return False
+
+    real_stance = torch.compiler.set_stance
+
+    def stance(name, **kwargs):
+        state["stances"].append(name)
+        return real_stance(name, **kwargs)
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.compiler, "set_stance", stance)
     tokens = docs_of_lengths(val, (40, 40))
     step = tg.ttt_chunk_step
 
     def recorded(*args, **kwargs):
-        if not events or events[-1] != "capture":
+        if state["capturing"] and state["fail"]:
+            state["fail"] = False
+            raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
+        if not state["capturing"]:
             events.append("run")
         return step(*args, **kwargs)
 
     monkeypatch.setattr(tg, "ttt_chunk_step", recorded)
 
-    def schedule(regions, eager_from):
+    def schedule(regions, eager_from, fail=False):
         events.clear()
+        state.update(fail=fail, stances=[])
         model.regions = regions
         try:
             runner = tg.TTTRunner(model, h, CPU, graphs=False, eager_from=eager_from)
@@ -756,10 +771,16 @@ def test_the_runner_captures_each_shape_once_and_compiled_shapes_only_after_one_
         return list(events)
 
     assert schedule(None, math.inf) == ["capture", "replay", "replay", "replay"]
+    assert state["stances"] == ["default"]
     assert schedule(None, 1) == ["run", "run", "run"]  # wide steps: never captured
     compiled = (model.sequential_block, model.parallel_block)  # stands in for compiled blocks
-    assert schedule(compiled, math.inf) == ["run", "capture", "replay", "replay"]
+    assert schedule(compiled, math.inf) == ["capture", "replay", "replay", "replay"]
+    assert state["stances"] == ["fail_on_recompile"]
+    assert schedule(compiled, math.inf, fail=True) == ["capture", "run", "capture", "replay", "replay"]
+    assert state["stances"] == ["fail_on_recompile", "default"]
     assert schedule(compiled, 1) == ["run", "run", "run"]
+    with pytest.raises(RuntimeError, match="fail_on_recompile"):  # eager blocks: a failed capture is an error
+        schedule(None, math.inf, fail=True)
     assert tg.TTT_EAGER_TOKENS_COMPILED > tg.TTT_EAGER_TOKENS  # the compiled blocks' host cost hides behind more work
 
 
