@@ -1323,14 +1323,12 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 def with_lora(y: Tensor, adapters: dict | None, name: str, x: Tensor) -> Tensor:
-    """y plus the LoRA change (x A^T) B of adapter `name`, if this slot's adapters (BatchedLoRA.slot:
-    name -> (A [docs, r, in], B [docs, r, out])) have it; y itself otherwise."""
+    """y plus the LoRA change B (A x) of adapter `name`, if this slot's adapters (BatchedLoRA.slot:
+    name -> (A [docs, r, in], B [docs, out, r])) have it; y itself otherwise."""
     if not adapters or name not in adapters:
         return y
     A, B = adapters[name]
-    # x A^T as (A x^T)^T: autograd then returns both gradients laid out as A and B are, which
-    # torch's fused AdamW needs (x A^T and B stored [out, r] gave transposed ones, copied every step)
-    return y + torch.bmm(torch.bmm(A.to(x.dtype), x.mT).mT, B.to(x.dtype))
+    return y + torch.bmm(torch.bmm(x, A.to(x.dtype).mT), B.to(x.dtype).mT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3100,8 +3098,8 @@ def eval_val_sliding(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, dev
 
 
 class BatchedLoRA:
-    """One LoRA set per document of a batch: delta(x) = (x A^T) B, A [slots, bsz, r, in] uniform(+-1/sqrt(in)),
-    B [slots, bsz, r, out] zero, so every adapter starts as the identity change. Every document
+    """One LoRA set per document of a batch: delta(x) = B (A x), A [slots, bsz, r, in] uniform(+-1/sqrt(in)),
+    B [slots, bsz, out, r] zero, so every adapter starts as the identity change. Every document
     starts from the same seeded A, so its result does not depend on its batch, slot or rank.
     The optimizer updates the stacked tensors; autograd sees one leaf per slot that shares their
     memory, so each layer's adapter gets its own gradient (indexing the stack instead would
@@ -3114,7 +3112,7 @@ class BatchedLoRA:
             bound = 1 / math.sqrt(d_in)
             self.A0[name] = torch.empty(slots, 1, rank, d_in, device=device).uniform_(-bound, bound, generator=g)
             self.A[name] = self.A0[name].expand(slots, bsz, rank, d_in).contiguous()
-            self.B[name] = torch.zeros(slots, bsz, rank, d_out, device=device)
+            self.B[name] = torch.zeros(slots, bsz, d_out, rank, device=device)
         self.make_leaves()
 
     def make_leaves(self):
@@ -3211,7 +3209,7 @@ class LoRAOptimizer:
             torch._foreach_add_(m, grads)
             torch._foreach_add_(params, m, alpha=-h.ttt_lora_lr)
             return
-        # the CUDA kernel wants each gradient strided like its parameter: with_lora's are, others are copied
+        # the CUDA kernel wants each gradient strided like its parameter (autograd's may be transposed)
         grads = [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g) for g, p in zip(grads, params)]
         torch._fused_adamw_(params, grads, m, v, [], [self.t] * len(params), lr=h.ttt_lora_lr,
                             beta1=h.ttt_beta1, beta2=h.ttt_beta2, weight_decay=h.ttt_weight_decay, eps=1e-10,
