@@ -3375,7 +3375,8 @@ class TTTRunner:
     def __init__(self, model: GPT, h: Hyperparameters, device, graphs: bool, eager_from: float | None = None):
         self.model, self.h, self.device, self.eager_from = model, h, device, eager_from
         self.graphs_on = graphs and torch.device(device).type == "cuda"
-        self.base, self.graphs, self.pool, self.tokens, self.seen = None, {}, None, None, set()
+        self.base, self.graphs, self.pool, self.tokens = None, {}, None, None
+        self.fell_back = set()  # shapes whose first, strict capture failed: they ran once uncaptured
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.ci = torch.zeros((), dtype=torch.int64, device=device)
         self.score_on = torch.ones((), dtype=torch.float64, device=device)
@@ -3421,9 +3422,9 @@ class TTTRunner:
             self.tokens = tokens
         key = (slots, context, train)  # a graph replays on the memory it was captured on
         if key not in self.graphs:
-            graph = self.capture(run, strict=compiled and key not in self.seen)
+            graph = self.capture(run, strict=compiled and key not in self.fell_back)
             if graph is None:  # it would have compiled: this once uncaptured (compiling), captured next time
-                self.seen.add(key)
+                self.fell_back.add(key)
                 return run()
             self.graphs[key] = graph
         self.graphs[key].replay()
@@ -3594,6 +3595,10 @@ def eval_val_ttt(model_fn, model: GPT, val_tokens: Tensor, h: Hyperparameters, l
                     f"elapsed:{progress.elapsed():.1f}s")
     if weights is not None:
         model.load_state_dict(weights)
+    if runner.graphs_on:
+        # first_uncaptured: shapes where a compiled block would have compiled again inside the capture
+        log(f"ttt_graphs{progress.tag} rank:{_world()[0]} shapes:{len(runner.graphs)} "
+            f"first_uncaptured:{len(runner.fell_back)}")
     loss_sum, byte_sum, count = reduce_over_ranks(*progress.sums, device=device)
     return loss_sum / max(count, 1), bits_per_byte(loss_sum, byte_sum)
 

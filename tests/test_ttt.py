@@ -9,6 +9,7 @@ start two gloo processes. Run: python3 -m pytest -q tests/test_ttt.py
 """
 import copy
 import math
+import re
 import types
 import random
 
@@ -689,14 +690,10 @@ def test_compiled_blocks_score_and_train_the_same(setup):
     assert tg.ttt_model_fn(model, hc) is model and model.regions is None  # on a CPU only with a backend given
 
 
-def test_the_runner_captures_each_shape_once_and_compiled_shapes_uncaptured_only_where_they_compile(
-        setup, monkeypatch):
-    """TTTRunner's CUDA-graph schedule, with torch.cuda's graph API replaced by a recorder (the
-    captures themselves need a GPU): a shape is captured at its first step and replayed after; with
-    compiled blocks that capture runs under the stance fail_on_recompile, and where it fails (a block
-    would compile) the step runs uncaptured and the shape is captured at its next step; steps of
-    eager_from tokens or more run uncaptured, at their own window."""
-    h, model, luts, val = setup
+def fake_cuda_graphs(monkeypatch):
+    """torch.cuda's graph API (and torch.compile's stance) replaced by recorders, since captures need
+    a GPU: returns (events, state), events "capture"/"replay" in order, state["capturing"] while a
+    capture is open, state["stances"] as set, state["fail"] for a test's step to raise once."""
     events, state = [], {"capturing": False, "fail": False, "stances": []}
 
     class Graph:
@@ -725,6 +722,37 @@ def test_the_runner_captures_each_shape_once_and_compiled_shapes_uncaptured_only
     monkeypatch.setattr(torch.cuda, "graph", capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
     monkeypatch.setattr(torch.compiler, "set_stance", stance)
+    return events, state
+
+
+def test_a_graphed_ttt_logs_its_graph_shapes(setup, monkeypatch):
+    """eval_val_ttt with CUDA graphs on (recorded: a replay here computes nothing): one line with the
+    shapes captured and how many of them first ran uncaptured."""
+    h, model, luts, val = setup
+    stream = doc_stream(val, 3 * 64 + 1)
+    events, state = fake_cuda_graphs(monkeypatch)
+    real_init = tg.TTTRunner.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.graphs_on = True  # as on CUDA
+
+    monkeypatch.setattr(tg.TTTRunner, "__init__", init)
+    graphed = run_eval_ttt(model, stream, h, luts, SumsSpy(monkeypatch))
+    assert "capture" in events
+    lines = [line for line in graphed[3] if line.startswith("ttt_graphs")]
+    assert len(lines) == 1 and re.fullmatch(r"ttt_graphs rank:0 shapes:[1-9]\d* first_uncaptured:0", lines[0]), lines
+
+
+def test_the_runner_captures_each_shape_once_and_compiled_shapes_uncaptured_only_where_they_compile(
+        setup, monkeypatch):
+    """TTTRunner's CUDA-graph schedule, with torch.cuda's graph API replaced by a recorder (the
+    captures themselves need a GPU): a shape is captured at its first step and replayed after; with
+    compiled blocks that capture runs under the stance fail_on_recompile, and where it fails (a block
+    would compile) the step runs uncaptured and the shape is captured at its next step; steps of
+    eager_from tokens or more run uncaptured, at their own window."""
+    h, model, luts, val = setup
+    events, state = fake_cuda_graphs(monkeypatch)
     tokens = docs_of_lengths(val, (40, 40))
     step = tg.ttt_chunk_step
 
