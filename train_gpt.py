@@ -178,6 +178,8 @@ class Hyperparameters:
         self.adam_wd = get("ADAM_WD", 0.02, ">=0")
         self.muon_wd = get("MUON_WD", 0.095, ">=0")
         self.embed_wd = get("EMBED_WD", 0.085, ">=0")
+        # late QAT: from this budget fraction (0: never) training sees every matrix on its export grid
+        self.qat_at = get("QAT_AT", 0.0, "0..1")
         self.ema_decay = get("EMA_DECAY", 0.9965, "[0,1)")
         self.ema_select = get("EMA_SELECT", 4, ">=0")  # >0: keep EMA or live weights, whichever has the lower
         # loss on this many held-out training micro-batches (never trained on, never validation data)
@@ -1484,6 +1486,22 @@ def _varlen_gqa_kwargs() -> dict:
 _VARLEN_GQA = _varlen_gqa_kwargs()
 
 
+def sdclip_scale(W: Tensor, clip_sigmas: float, r: int) -> Tensor:
+    """The export's quantization step per row (SDClip, PR #1394): clip_sigmas standard deviations
+    of the row over r levels, rounded to fp16 as the artifact stores it, at least fp16's smallest
+    subnormal (2^-24; 1e-10 would round to 0). W [..., rows, cols] fp32 -> [..., rows] fp16."""
+    return (clip_sigmas * W.std(dim=-1) / r).clamp_min(2.0**-24).half()
+
+
+def fake_quantize(W: Tensor, clip_sigmas: float, bits: int) -> Tensor:
+    """W rounded to the nearest level of its export grid (levels -r..r, r = 2^(bits-1) - 1, the
+    SDClip step): what quantization without GPTQ's error feedback would store. W's shape and dtype."""
+    r = 2 ** (bits - 1) - 1
+    x = W.float()
+    step = sdclip_scale(x, clip_sigmas, r).float()[..., None]
+    return (torch.clamp(torch.round(x / step), -r, r) * step).to(W.dtype)
+
+
 SMEAR_INPUTS = 12  # SmearGate reads the first channels of each token's normed embedding
 ATTN_GATE_INPUTS = 12  # SPARSE_ATTN_GATE reads the first channels of each block's normed input
 
@@ -1498,6 +1516,13 @@ class GPT(nn.Module):
         hidden = int(h.mlp_mult * D)
         self.rope_dims, self.rope_base = h.rope_dims, h.rope_base
         self.regions = None  # (sequential, parallel) block functions to call instead of the methods (TTT_COMPILE)
+        # late QAT (QAT_AT): a 0-dim gate the schedule sets to 1, a tensor so that one compiled graph
+        # serves both states; not persistent, so no checkpoint carries it. Each matrix's clip is the export's.
+        attn_sigmas, mlp_sigmas = h.attn_clip_sigmas or h.matrix_clip_sigmas, h.mlp_clip_sigmas or h.matrix_clip_sigmas
+        self.qat_bits = h.matrix_bits
+        self.qat_sigmas = dict(q=attn_sigmas, k=attn_sigmas, v=attn_sigmas, o=attn_sigmas, up=mlp_sigmas,
+                               down=mlp_sigmas)
+        self.register_buffer("qat", torch.zeros(()) if h.qat_at > 0 else None, persistent=False)
         self.logit_softcap, self.attn_backend = h.logit_softcap, attn_backend
         self.logit_softcap_neg = h.logit_softcap_neg or h.logit_softcap
         self.skip_gates_enabled, self.fused_mlp_enabled = h.skip_gates_enabled, h.fused_mlp
@@ -1567,6 +1592,12 @@ class GPT(nn.Module):
                  post=self.parallel_post_lambdas[l], resid=self.parallel_resid_lambdas[l])
         if hasattr(self, "attn_gate"):
             w["gate"] = self.attn_gate[l]
+        if self.qat is not None and self.training:
+            # late QAT (PR #714 and the March 2026 records): the forward sees the matrix on its export
+            # grid, the gradient passes straight through to the float weight
+            for name, sigmas in self.qat_sigmas.items():
+                t = w[name]
+                w[name] = t + self.qat * (fake_quantize(t.detach(), sigmas, self.qat_bits) - t).detach()
         w = {name: t.to(dtype) for name, t in w.items()}
         w["ln"] = self.ln_scales[l]
         return w
@@ -1995,6 +2026,7 @@ class EMA:
 #   Muon weight decay  frac < MUON_WD_TAPER_AT (or it is 0)   MUON_WD
 #                      after that                             MUON_WD x MUON_WD_TAPER (taper: PR #1729)
 #   depth recurrence   frac >= ENABLE_LOOPING_AT              on (off before; NUM_LOOPS > 0)
+#   late QAT           frac >= QAT_AT (or it is 0: never)     matrices fake-quantized in training forwards
 #   EMA decay          every step t                           min(EMA_DECAY, (1 + t) / (10 + t)), see EMA
 
 
@@ -2015,6 +2047,10 @@ def muon_wd_at(frac: float, h: Hyperparameters) -> float:
 
 def looping_at(frac: float, h: Hyperparameters) -> bool:
     return h.num_loops > 0 and frac >= h.enable_looping_at
+
+
+def qat_on_at(frac: float, h: Hyperparameters) -> bool:
+    return 0 < h.qat_at <= frac
 
 
 def train_seq_len_at(frac: float, h: Hyperparameters) -> int:
@@ -2235,6 +2271,10 @@ class Trainer:
                 phase = {"steps": 0, "ms": 0.0}
                 encoder, decoder = model.layer_order()
                 log(f"looping:on step:{step} encoder:{encoder} decoder:{decoder}")
+            if model.qat is not None and "qat_at_step" not in stats and qat_on_at(frac, h):
+                model.qat.fill_(1.0)
+                stats["qat_at_step"] = step
+                log(f"qat:on step:{step} (training forwards see the matrices on their int{h.matrix_bits} grid)")
             if train_seq_len_at(frac, h) != self.seq_len:
                 log(f"seq_len:{train_seq_len_at(frac, h)} step:{step} (was {self.seq_len})")
             if self.device.type == "cuda":
@@ -2256,6 +2296,8 @@ class Trainer:
                     f"elapsed:{train_ms / 1000:.1f}s eta:{max(eta, 0):.0f}s")
         stats[("after_looping" if model.looping else "before_looping")] = dict(phase)
         stats.update(steps=step, train_ms=train_ms)
+        if model.qat is not None:  # later training-mode forwards (TTT's global phases) see float weights
+            model.qat.zero_()
         if self.device.type == "cuda":
             stats["peak_memory_mib"] = torch.cuda.max_memory_allocated() // 2**20
         self.held_out = self.loader.held_out_batches()  # for EMA_SELECT: the loader never serves them
@@ -2383,17 +2425,15 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, clip_sigmas: float, bits: int
         W, H = W[None], H[None]
     batch, rows, cols = W.shape
 
-    # SDClip: the scale is fixed before GPTQ from the row's spread (clip at clip_sigmas standard
-    # deviations). It is rounded to fp16 first and that rounded value is what q is computed
-    # against, so q * scale in the artifact reproduces exactly what GPTQ saw. The floor is fp16's
-    # smallest subnormal (2^-24), not 1e-10, which would round to 0 in fp16.
-    row_spread = clip_sigmas * W.std(dim=-1)
-    scale = (row_spread / r).clamp_min(2.0**-24).half()
+    # SDClip: the scale is fixed before GPTQ from the row's spread, rounded to fp16 first, and that
+    # rounded value is what q is computed against, so q * scale in the artifact reproduces exactly
+    # what GPTQ saw.
+    scale = sdclip_scale(W, clip_sigmas, r)
     s = scale.float()  # [batch, rows]
     if fine_cols is not None:  # AWQ-lite: its columns' own levels and per-row scale
         fine = fine_cols.to(dev).expand(batch, cols)
         r_fine = 2 ** (fine_bits - 1) - 1
-        fine_scale = (row_spread / r_fine).clamp_min(2.0**-24).half()
+        fine_scale = sdclip_scale(W, clip_sigmas, r_fine)
 
     # Dead inputs (never nonzero in calibration) carry no information: pin their Hessian
     # diagonal to 1 and drop the weight; then damp by 1% of the mean diagonal for stability.

@@ -681,3 +681,61 @@ def test_regional_compilation_traces_each_kind_of_block_once_for_any_depth():
     h = tg.Hyperparameters(env={"COMPILE_REGIONS": "1"})
     assert tg.training_model_fn(model, h, torch.device("cpu")) is model  # eager on a CPU, blocks included
     model.regions = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Late QAT (QAT_AT)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fake_quantize_is_the_export_grid_gptq_writes_without_error_feedback():
+    """fake_quantize rounds to the artifact's levels and scale: GPTQ with an identity Hessian (no
+    error to spread) stores exactly those q * scale."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 40, generator=g) * torch.linspace(0.01, 2.0, 24)[:, None]  # rows of other spreads
+    W[3, 5] = 40.0  # an outlier beyond the clip, clamped to the top level
+    for bits, sigmas in ((6, 12.85), (6, 3.0), (8, 20.0)):
+        q, scale = tg.gptq_quantize(W, torch.eye(40), sigmas, bits)
+        torch.testing.assert_close(tg.fake_quantize(W, sigmas, bits), q.float() * scale.float()[:, None],
+                                   rtol=0, atol=0)
+    fq = tg.fake_quantize(W, 3.0, 6)
+    assert fq[3, 5] == 31 * tg.sdclip_scale(W, 3.0, 31)[3].float() and fq.dtype == W.dtype
+
+
+def qat_loss(model, ids, targets):
+    return model(ids, targets, None, 0).mean()
+
+
+def test_late_qat_trains_on_the_grid_with_straight_through_gradients():
+    """QAT_AT > 0: with the gate at 0 the model is the one without QAT, bit for bit; at 1 its
+    training forward is that of the same weights fake-quantized, and each matrix's gradient is the
+    one at those quantized weights (straight through); evaluation always sees the float weights."""
+    base, qat = tiny_model(seed=3), tiny_model(seed=3, QAT_AT=0.5)
+    assert base.qat is None and qat.qat is not None and float(qat.qat) == 0
+    assert "qat" not in qat.state_dict() and qat.qat_sigmas["up"] == qat.qat_sigmas["q"] == 12.85
+    ids = torch.randint(2, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
+    targets = ids.roll(-1, 1)
+    base.train(), qat.train()
+    assert torch.equal(qat_loss(qat, ids, targets), qat_loss(base, ids, targets))  # gate 0
+    qat.qat.fill_(1.0)
+    on_grid = tiny_model(seed=3)
+    banks = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+    with torch.no_grad():
+        for name in banks:
+            bank = getattr(on_grid, name)
+            bank.copy_(torch.stack([tg.fake_quantize(m, 12.85, 6) for m in bank]))
+    on_grid.train()
+    loss, want = qat_loss(qat, ids, targets), qat_loss(on_grid, ids, targets)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    loss.backward(), want.backward()
+    for name in banks:
+        torch.testing.assert_close(getattr(qat, name).grad, getattr(on_grid, name).grad, rtol=1e-4, atol=1e-6)
+    qat.eval(), base.eval()
+    with torch.no_grad():
+        assert torch.equal(qat_loss(qat, ids, targets), qat_loss(base, ids, targets))  # eval: float weights
+
+
+def test_late_qat_starts_at_its_fraction_of_the_budget():
+    h = tg.Hyperparameters(env={"QAT_AT": "0.85"})
+    assert not tg.qat_on_at(0.8499, h) and tg.qat_on_at(0.85, h) and tg.qat_on_at(1.0, h)
+    assert not tg.qat_on_at(1.0, tg.Hyperparameters(env={}))  # default: never

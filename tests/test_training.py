@@ -172,6 +172,25 @@ def test_val_loss_every_0_validates_only_at_the_end(make_hparams):
     assert validated == [2] and stats["steps"] == 2
 
 
+def test_late_qat_turns_on_once_at_its_step_and_the_warmup_leaves_it_off(make_hparams):
+    """QAT_AT=0.5 of ITERATIONS=4: steps 0 and 1 train on float weights, steps 2 and 3 on the grid;
+    one log line says where; the compile warmup (frac 0) never turns the gate on."""
+    h = make_hparams(ITERATIONS=4, VAL_LOSS_EVERY=0, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256, QAT_AT=0.5,
+                     WARMUP_STEPS=2)
+    model = tg.build_model(h, torch.device("cpu"))
+    lines, gates = [], []
+    trainer = tg.Trainer(h, model, model, torch.device("cpu"), lines.append)
+    trainer.warm_up()
+    assert float(model.qat) == 0
+    step = trainer.step
+    trainer.step = lambda *args, **kwargs: gates.append(float(model.qat)) or step(*args, **kwargs)
+    stats = trainer.train(lambda step: (1.0, 1.0))
+    assert gates == [0.0, 0.0, 1.0, 1.0] and stats["qat_at_step"] == 2
+    assert float(model.qat) == 0  # off again once training ends
+    assert [line for line in lines if line.startswith("qat:")] == ["qat:on step:2 (training forwards see the "
+                                                                   "matrices on their int6 grid)"]
+
+
 def test_ema_select_keeps_whichever_weights_score_lower_on_unseen_training_batches(make_hparams):
     """EMA_SELECT=k: after training, live and EMA weights are scored on the k micro-batches the
     loader holds out of every pass (data training never used, never validation); the better stays."""
