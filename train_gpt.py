@@ -3408,9 +3408,9 @@ class TTTRunner:
     sums, and (CUDA, TTT_CUDA_GRAPHS=1) one CUDA graph per (slots view, rounded-up window, train)
     captured at its first use and replayed after, for steps under eager_from tokens (default
     TTT_EAGER_TOKENS, or TTT_EAGER_TOKENS_COMPILED with compiled blocks, where a shape that would
-    compile runs once uncaptured first). Eagerly a chunk step launches ~4,400 small kernels, so the host, not the
-    GPU, set the pace of the smaller steps. The graphs share one memory pool: they never run at
-    once, and every tensor that outlives a step is allocated outside them."""
+    compile runs once uncaptured first). Eagerly a chunk step launches ~4,400 small kernels, so the
+    host, not the GPU, set the pace of the smaller steps. The graphs share one memory pool: they
+    never run at once, and every tensor that outlives a step is allocated outside them."""
 
     def __init__(self, model: GPT, h: Hyperparameters, device, graphs: bool, eager_from: float | None = None):
         self.model, self.h, self.device, self.eager_from = model, h, device, eager_from
