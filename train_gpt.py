@@ -47,6 +47,7 @@ import random
 import subprocess
 import sys
 import time
+import types
 import uuid
 from typing import NamedTuple
 
@@ -78,7 +79,8 @@ class ConfigError(Exception):
 
 
 # Allowed values, by the short codes Hyperparameters.__init__ gives each variable.
-RANGES = {"0/1": (lambda v: v in (0, 1), "0 or 1"), ">=0": (lambda v: v >= 0, "at least 0"),
+RANGES = {"0/1": (lambda v: v in (0, 1), "0 or 1"), "0/1/2": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
+          ">=0": (lambda v: v >= 0, "at least 0"),
           ">=1": (lambda v: v >= 1, "at least 1"), ">0": (lambda v: v > 0, "positive"),
           "0..1": (lambda v: 0 <= v <= 1, "between 0 and 1"), "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)")}
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -156,7 +158,9 @@ class Hyperparameters:
         self.fused_mlp = bool(get("FUSED_MLP", 1, "0/1"))
         self.fused_ce = bool(get("FUSED_CE", 1, "0/1"))  # fused softcapped cross-entropy kernel (CUDA)
         self.fused_head_ce = bool(get("FUSED_HEAD_CE", 1, "0/1"))  # with FUSED_CE: the head inside it too
-        self.compile_regions = bool(get("COMPILE_REGIONS", 0, "0/1"))  # compile the two kinds of block, not the model
+        # 0: the whole model in one graph; 1: the two kinds of block compiled, the rest eager; 2: the
+        # whole model with each kind of block a nested region, compiled once (NestedBlocks)
+        self.compile_regions = get("COMPILE_REGIONS", 0, "0/1/2")
         # optimizers
         self.min_lr = get("MIN_LR", 0.1, "0..1")
         self.tied_embed_lr = get("TIED_EMBED_LR", 0.03, ">=0")
@@ -1684,7 +1688,10 @@ class GPT(nn.Module):
         rope = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device)
         regions = None if self.capture else self.regions  # Hessian collection sees every input eagerly
         sequential, parallel = regions or (self.sequential_block, self.parallel_block)
-        if regions:  # the first block then takes what every later one takes, so one compiled block serves all
+        nested = isinstance(regions, NestedBlocks)
+        if nested:  # a nested region takes no inputs that alias each other: x0, cos and sin do
+            x, rope = x.clone(), tuple(t.clone() for t in rope)
+        elif regions:  # the first block then takes what every later one takes, so one compiled block serves all
             # not x0 itself; and, from TTT's frozen embedding, an input with grad where grad is on
             x = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(torch.is_grad_enabled())
         encoder, decoder = self.layer_order()
@@ -1700,7 +1707,7 @@ class GPT(nn.Module):
                 continue
             j = slot - len(encoder)
             if lanes is None and 0 < self.parallel_start <= l:
-                lanes = (x, x)
+                lanes = (x, x.clone() if nested else x)
             if skips:
                 if lanes is None:
                     x = self.merge_skip(j, x, skips.pop())
@@ -3820,15 +3827,34 @@ def compile_blocks(model: GPT, compile_fn, dynamic_rows: bool = False) -> tuple:
     return region(model.sequential_block), region(model.parallel_block)
 
 
+class NestedBlocks(tuple):
+    """(sequential, parallel) for COMPILE_REGIONS=2: each calls a copy of the block's function
+    marked as a torch.compile nested region, so inside the one compiled model each kind of block
+    is traced and compiled once and called at every layer (torch's invoke_subgraph), while the
+    code between blocks (embedding, skips, lanes, head, loss) is fused with the rest. A copy, so
+    that TTT's own compile of the same blocks is not affected by the mark."""
+
+    def __new__(cls, model: GPT):
+        def region(method):
+            fn = method.__func__
+            marked = torch.compiler.nested_compile_region(
+                types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__))
+            return lambda *args: marked(model, *args)
+        return super().__new__(cls, (region(model.sequential_block), region(model.parallel_block)))
+
+
 def training_model_fn(model: GPT, h: Hyperparameters, device):
     """The callable that training and evaluation run: the whole model through one torch.compile (a
-    graph per train/eval mode and looping state), or, COMPILE_REGIONS=1, the model itself with its
-    two kinds of block compiled (a graph per kind and mode, whatever the depth; embedding, skips,
-    head and loss run eagerly). Eager on a CPU either way."""
-    if not h.compile_regions:
-        return compile_for(device, model, dynamic=False, fullgraph=True)
-    model.regions = compile_blocks(model, lambda block: compile_for(device, block, dynamic=False, fullgraph=True))
-    return model
+    graph per train/eval mode and looping state); COMPILE_REGIONS=1, the model itself with its two
+    kinds of block compiled (a graph per kind and mode, whatever the depth; embedding, skips, head
+    and loss run eagerly); COMPILE_REGIONS=2, the whole model compiled with its blocks as nested
+    regions (NestedBlocks). Eager on a CPU in every case."""
+    if h.compile_regions == 1:
+        model.regions = compile_blocks(model, lambda block: compile_for(device, block, dynamic=False, fullgraph=True))
+        return model
+    if h.compile_regions == 2:
+        model.regions = NestedBlocks(model)
+    return compile_for(device, model, dynamic=False, fullgraph=True)
 
 
 def build_run_model(ctx: RunContext) -> None:

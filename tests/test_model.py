@@ -739,3 +739,47 @@ def test_late_qat_starts_at_its_fraction_of_the_budget():
     h = tg.Hyperparameters(env={"QAT_AT": "0.85"})
     assert not tg.qat_on_at(0.8499, h) and tg.qat_on_at(0.85, h) and tg.qat_on_at(1.0, h)
     assert not tg.qat_on_at(1.0, tg.Hyperparameters(env={}))  # default: never
+
+
+# ---------------------------------------------------------------------------------------------
+# COMPILE_REGIONS=2: the whole model compiled, each kind of block a nested region
+# ---------------------------------------------------------------------------------------------
+
+
+def test_nested_blocks_compute_the_model_and_trace_each_kind_of_block_once():
+    """NestedBlocks: eagerly the model's own numbers; under torch.compile (fullgraph; here AOT
+    autograd without Inductor, the blocks as invoke_subgraph calls) the same loss and gradients,
+    with each kind of block traced once per XSA setting and called at every layer."""
+    from torch._dynamo.backends.debugging import aot_eager
+    ref, model = tiny_model(seed=3, fp32=False), tiny_model(seed=3, fp32=False)
+    ref.train(), model.train()
+    ref.looping = model.looping = True
+    model.regions = tg.NestedBlocks(model)
+    ids = torch.randint(2, VOCAB, (1, 64), generator=torch.Generator().manual_seed(0))
+    targets, cu = ids.roll(-1, 1), torch.tensor([0, 30, 64], dtype=torch.int32)
+    want = ref(ids, targets, cu, 64).mean()
+    want.backward()
+    assert torch.equal(model(ids, targets, cu, 64).mean(), want)  # eagerly: the clones change nothing
+    model.zero_grad()
+    graphs = []
+
+    def backend(gm, example_inputs):  # the graph as Dynamo traced it, run by AOT autograd without Inductor
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(model, backend=backend, fullgraph=True)(ids, targets, cu, 64).mean()
+        got.backward()
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, want)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad))
+    assert len(graphs) == 1
+    calls = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    # a block variant (sequential or parallel, XSA or not) used at several layers is one subgraph
+    # called at each; one used once is inlined
+    variants = [(l >= model.parallel_start > 0, l >= model.xsa_first) for l in sum(model.layer_order(), [])]
+    repeated = {v: variants.count(v) for v in variants if variants.count(v) > 1}
+    assert len(calls) == sum(repeated.values()) >= 6 and len({n.args[0].target for n in calls}) == len(repeated)
