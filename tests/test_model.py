@@ -752,8 +752,7 @@ def test_nested_blocks_compute_the_model_and_trace_each_kind_of_block_once():
     with each kind of block traced once per XSA setting and called at every layer."""
     from torch._dynamo.backends.debugging import aot_eager
     ref, model = tiny_model(seed=3, fp32=False), tiny_model(seed=3, fp32=False)
-    ref.train(), model.train()
-    ref.looping = model.looping = True
+    ref.train(), model.train()  # looping off: four layers, two of them one variant (the trace is the cost here)
     model.regions = tg.NestedBlocks(model)
     ids = torch.randint(2, VOCAB, (1, 64), generator=torch.Generator().manual_seed(0))
     targets, cu = ids.roll(-1, 1), torch.tensor([0, 30, 64], dtype=torch.int32)
@@ -782,4 +781,4 @@ def test_nested_blocks_compute_the_model_and_trace_each_kind_of_block_once():
     # called at each; one used once is inlined
     variants = [(l >= model.parallel_start > 0, l >= model.xsa_first) for l in sum(model.layer_order(), [])]
     repeated = {v: variants.count(v) for v in variants if variants.count(v) > 1}
-    assert len(calls) == sum(repeated.values()) >= 6 and len({n.args[0].target for n in calls}) == len(repeated)
+    assert len(calls) == sum(repeated.values()) >= 2 and len({n.args[0].target for n in calls}) == len(repeated)
