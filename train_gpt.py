@@ -290,6 +290,11 @@ class Hyperparameters:
                                   f"1024@0.1,2048@0.7,3072@1: segments of LEN tokens until fraction END") from None
         return stages
 
+    def group_clip_sigmas(self, group: str) -> float:
+        """The SDClip sigmas of the "mlp" or "attn" matrices: MLP_CLIP_SIGMAS / ATTN_CLIP_SIGMAS, or
+        MATRIX_CLIP_SIGMAS where that is 0. The export and late QAT both read it."""
+        return {"mlp": self.mlp_clip_sigmas, "attn": self.attn_clip_sigmas}[group] or self.matrix_clip_sigmas
+
     def check(self):
         """Arithmetic that must hold before anything is built; paths are checked by check_data()."""
         stages = self.train_seq_stages
@@ -1522,7 +1527,7 @@ class GPT(nn.Module):
         self.regions = None  # (sequential, parallel) block functions to call instead of the methods (TTT_COMPILE)
         # late QAT (QAT_AT): a 0-dim gate the schedule sets to 1, a tensor so that one compiled graph
         # serves both states; not persistent, so no checkpoint carries it. Each matrix's clip is the export's.
-        attn_sigmas, mlp_sigmas = h.attn_clip_sigmas or h.matrix_clip_sigmas, h.mlp_clip_sigmas or h.matrix_clip_sigmas
+        attn_sigmas, mlp_sigmas = h.group_clip_sigmas("attn"), h.group_clip_sigmas("mlp")
         self.qat_bits = h.matrix_bits
         self.qat_sigmas = dict(q=attn_sigmas, k=attn_sigmas, v=attn_sigmas, o=attn_sigmas, up=mlp_sigmas,
                                down=mlp_sigmas)
@@ -2902,8 +2907,7 @@ def autofit_clip_factor(total_at, limit: int, max_factor: float = 1.5, rel_tol: 
 
 def quantize_model(model: GPT, h: Hyperparameters, hessians: dict, clip_factor: float = 1.0) -> tuple[dict, dict]:
     state = unbank_state({k: v.detach() for k, v in model.state_dict().items()}, h.num_layers)
-    groups = {key: sigmas * clip_factor for key, sigmas in ((".mlp.", h.mlp_clip_sigmas), (".attn.", h.attn_clip_sigmas))
-              if sigmas > 0}
+    groups = {f".{group}.": h.group_clip_sigmas(group) * clip_factor for group in ("mlp", "attn")}
     w, meta = quantize_state_dict(state, hessians, h.matrix_bits, h.matrix_clip_sigmas * clip_factor,
                                   h.embed_bits, h.embed_clip_sigmas, group_clip_sigmas=groups,
                                   fine_groups=h.awq_lite_groups, fine_group_size=h.awq_lite_group_size,
