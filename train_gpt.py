@@ -1334,12 +1334,14 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 def with_lora(y: Tensor, adapters: dict | None, name: str, x: Tensor) -> Tensor:
-    """y plus the LoRA change B (A x) of adapter `name`, if this slot's adapters (BatchedLoRA.slot:
-    name -> (A [docs, r, in], B [docs, out, r])) have it; y itself otherwise."""
+    """y plus the LoRA change x A B of adapter `name`, if this slot's adapters (BatchedLoRA.slot:
+    name -> (A [docs, in, r], B [docs, r, out])) have it; y itself otherwise. Stored as the right
+    operands, so autograd returns A's, B's and x's gradients in their own layouts (torch's fused
+    AdamW needs that of the parameters; transposed ones were copied every step)."""
     if not adapters or name not in adapters:
         return y
     A, B = adapters[name]
-    return y + torch.bmm(torch.bmm(x, A.to(x.dtype).mT), B.to(x.dtype).mT)
+    return y + torch.bmm(torch.bmm(x, A.to(x.dtype)), B.to(x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3149,8 +3151,8 @@ def eval_val_sliding(model_fn, val_tokens: Tensor, h: Hyperparameters, luts, dev
 
 
 class BatchedLoRA:
-    """One LoRA set per document of a batch: delta(x) = B (A x), A [slots, bsz, r, in] uniform(+-1/sqrt(in)),
-    B [slots, bsz, out, r] zero, so every adapter starts as the identity change. Every document
+    """One LoRA set per document of a batch: delta(x) = x A B, A [slots, bsz, in, r] uniform(+-1/sqrt(in)),
+    B [slots, bsz, r, out] zero, so every adapter starts as the identity change. Every document
     starts from the same seeded A, so its result does not depend on its batch, slot or rank.
     The optimizer updates the stacked tensors; autograd sees one leaf per slot that shares their
     memory, so each layer's adapter gets its own gradient (indexing the stack instead would
@@ -3161,9 +3163,10 @@ class BatchedLoRA:
         g = torch.Generator(device=device).manual_seed(seed)
         for name, (slots, d_in, d_out) in shapes.items():
             bound = 1 / math.sqrt(d_in)
-            self.A0[name] = torch.empty(slots, 1, rank, d_in, device=device).uniform_(-bound, bound, generator=g)
-            self.A[name] = self.A0[name].expand(slots, bsz, rank, d_in).contiguous()
-            self.B[name] = torch.zeros(slots, bsz, d_out, rank, device=device)
+            draw = torch.empty(slots, 1, rank, d_in, device=device).uniform_(-bound, bound, generator=g)
+            self.A0[name] = draw.mT.contiguous()  # drawn [r, in] as before, stored [in, r]: the same adapters
+            self.A[name] = self.A0[name].expand(slots, bsz, d_in, rank).contiguous()
+            self.B[name] = torch.zeros(slots, bsz, rank, d_out, device=device)
         self.make_leaves()
 
     def make_leaves(self):
@@ -3260,7 +3263,7 @@ class LoRAOptimizer:
             torch._foreach_add_(m, grads)
             torch._foreach_add_(params, m, alpha=-h.ttt_lora_lr)
             return
-        # the CUDA kernel wants each gradient strided like its parameter (autograd's may be transposed)
+        # the CUDA kernel wants each gradient strided like its parameter: with_lora's are, others are copied
         grads = [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g) for g, p in zip(grads, params)]
         torch._fused_adamw_(params, grads, m, v, [], [self.t] * len(params), lr=h.ttt_lora_lr,
                             beta1=h.ttt_beta1, beta2=h.ttt_beta2, weight_decay=h.ttt_weight_decay, eps=1e-10,

@@ -378,6 +378,29 @@ def test_the_fused_adamw_gets_gradients_strided_like_their_parameters(setup, mon
     assert calls
 
 
+def test_autograd_gives_each_lora_gradient_the_layout_of_its_parameter(setup, monkeypatch):
+    """with_lora's operand layout: every gradient TTT's optimizer gets is already strided like its
+    parameter, so nothing is copied for the fused AdamW; and the input's gradient stays in its own
+    layout (a transposed one would be added strided into the residual stream's gradient)."""
+    h, model, luts, val = setup
+    tokens = docs_of_lengths(val, (46, 20, 9))
+    real, layouts = tg.LoRAOptimizer.step, []
+
+    def step(self, grads):
+        layouts.append([g.stride() == p.stride() for g, p in zip(grads, self.parts[0])])
+        return real(self, grads)
+
+    monkeypatch.setattr(tg.LoRAOptimizer, "step", step)
+    run_ttt_batch(model, tokens, tg.split_documents(tokens), h, luts)
+    assert layouts and all(all(same) for same in layouts)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    A, B = torch.randn(3, 8, 2, requires_grad=True), torch.randn(3, 2, 6, requires_grad=True)
+    out = tg.with_lora(torch.zeros(3, 5, 6), {"q": (A, B)}, "q", x)
+    torch.testing.assert_close(out, x @ A @ B)
+    out.square().sum().backward()
+    assert x.grad.is_contiguous() and A.grad.is_contiguous() and B.grad.is_contiguous()
+
+
 class Boom(Exception):
     pass
 
@@ -422,7 +445,7 @@ def test_lora_init_is_seeded_and_the_same_for_every_document():
     c, d = tg.BatchedLoRA(shapes, 4, 2, CPU, seed=7), tg.BatchedLoRA(shapes, 4, 2, CPU, seed=8)
     for name, (slots, d_in, d_out) in shapes.items():
         A = a.A[name]
-        assert A.shape == (slots, 4, 2, d_in) and torch.equal(a.B[name], torch.zeros(slots, 4, d_out, 2))
+        assert A.shape == (slots, 4, d_in, 2) and torch.equal(a.B[name], torch.zeros(slots, 4, 2, d_out))
         assert torch.equal(A, b.A[name].expand_as(A)) and torch.equal(A, c.A[name])
         assert A.abs().max() <= 1 / math.sqrt(d_in) and A.std() > 0.2 / math.sqrt(d_in)
         assert not torch.equal(A, d.A[name])
