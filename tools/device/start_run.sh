@@ -18,7 +18,7 @@ if ls /root/whl/*.whl > /dev/null 2>&1 && { [ ! -f /root/site/.installed ] || \
   touch /root/site/.installed
 fi
 export PYTHONPATH=/root/site:/root/site/nvidia_cutlass_dsl/dsl_packages PYTHONUNBUFFERED=1
-if [ ! -f /root/data/datasets/fineweb10B_sp8192/fineweb_val_000000.bin ]; then
+if [ ! -f /root/data/datasets/fineweb10B_sp8192/fineweb_val_000000.bin ] && [ -f .carry/debian_docs.jsonl.xz ]; then
   t0=$(date +%s)
   python3 data/tokenize_docs.py --docs .carry/debian_docs.jsonl.xz --tokenizer .carry/fineweb_8192_bpe.model \
     --val-docs 2000 --out /root/data 2>&1 | tail -2
@@ -29,4 +29,5 @@ mkdir -p /root/snap/$NAME && cp "${SCRIPT:-train_gpt.py}" /root/snap/$NAME/train
 launch=(python3); [ "$NPROC" -gt 1 ] && launch=(torchrun --standalone --nproc_per_node=$NPROC)
 setsid nohup env DATA_DIR=/root/data ARTIFACT_DIR=/root/runs/$NAME RUN_ID=$NAME "$@" "${launch[@]}" \
   /root/snap/$NAME/train_gpt.py > /root/runs/$NAME.out 2>&1 < /dev/null &
+echo $! > /root/runs/$NAME.pid  # wait loops stop once it is gone: an early one-line error ends a wait
 echo "started $NAME: $*"

@@ -5,7 +5,9 @@
 LIMIT=$1; PATTERN=$2; shift 2; t0=$(date +%s)
 while [ $(( $(date +%s) - t0 )) -lt $LIMIT ]; do
   done_all=1
-  for n in "$@"; do grep -q -- "$PATTERN" /root/runs/$n.out 2>/dev/null || done_all=0; done
+  for n in "$@"; do  # a run that exited (an early error, say) waits no more
+    grep -q -- "$PATTERN" /root/runs/$n.out 2>/dev/null || { kill -0 "$(cat /root/runs/$n.pid)" 2>/dev/null && done_all=0; }
+  done
   [ $done_all = 1 ] && break
   sleep 5
 done
