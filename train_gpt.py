@@ -21,7 +21,7 @@ Sections, in the order a run uses them:
     MODEL               attention backends and the GPT
     OPTIMIZERS AND EMA  Muon for the weight banks, AdamW for the rest, the weight average
     TRAINING            the schedule, the honest compile warmup, the wall-clock training loop
-    ARTIFACT            Hessians, GPTQ, compression, the counted code, the size limit
+    ARTIFACT            Hessians, GPTQ, entropy coding and compression, the counted code, the size limit
     EVALUATION          standard and sliding-window scoring
     TEST-TIME TRAINING  per-document score-first LoRA adaptation
     MAIN                run(): train -> choose the artifact -> build or load it -> evaluate
@@ -216,6 +216,7 @@ class Hyperparameters:
         self.val_doc_fraction = get("VAL_DOC_FRACTION", 1.0)
         # quantization and artifact
         self.compressor = get("COMPRESSOR", "brotli")
+        self.ans_coding = bool(get("ANS_CODING", 1, "0/1"))  # the int8 matrices rANS-coded, the rest COMPRESSOR
         self.gptq_calibration_batches = get("GPTQ_CALIBRATION_BATCHES", 64, ">=1")
         self.gptq_reserve_seconds = get("GPTQ_RESERVE_SECONDS", 13.0, ">=0")
         self.matrix_bits = get("MATRIX_BITS", 6)
@@ -2683,7 +2684,8 @@ def dequantize_state_dict(w: dict, meta: dict) -> dict:
 # count, so the artifact's bytes do not depend on the machine that wrote it.
 #
 # Container: b"PGQA", version byte, compressor byte (b"b" brotli, b"l" lzma), uint32 piece
-# count, then one uint32 compressed length per piece (little-endian), then the pieces.
+# count, then one uint32 compressed length per piece (little-endian), then the pieces; version 2
+# (ANS_CODING=1) appends the rANS stream of the int8 matrices (below) after the pieces.
 # ---------------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGQA", 1
@@ -2712,6 +2714,131 @@ def byte_unshuffle(blob: bytes) -> bytes:
     return out.tobytes()
 
 
+# ---------------------------------------------------------------------------------------------
+# Entropy coding (ANS_CODING=1). brotli sees the int6/int8 matrices as bytes and lands a little
+# above their order-0 entropy; a coder told that they are independent symbols drawn from a few
+# distributions per matrix gets below it. Each matrix's columns (its input channels, which differ
+# in spread) are split into up to ANS_COLUMN_GROUPS groups by their mean square, and each group has
+# its own frequency table. Every symbol of every such matrix goes through one rANS stream (Duda
+# 2013, arXiv:1311.2540), interleaved over ANS_LANES lanes so that numpy codes one symbol of each
+# lane per step: the symbols are independent, so the lanes only share the word stream. A lane's
+# state lives in [2^16, 2^32) and moves 16 bits at a time; a table's frequencies sum to
+# 2^ANS_PROB_BITS. The stream follows the compressed pieces; its tables, column groups, lane
+# states and length travel inside them. Pure integer arithmetic: the bytes never depend on the
+# machine.
+# ---------------------------------------------------------------------------------------------
+
+ANS_PROB_BITS, ANS_LANES, ANS_COLUMN_GROUPS, ANS_LOW = 15, 2048, 4, 1 << 16
+ANS_MIN_NUMEL = 1 << 12  # smaller int8 tensors stay in the compressed part
+
+
+def ans_frequencies(counts: np.ndarray) -> np.ndarray:
+    """Symbol counts [C, 256] -> frequencies [C, 256] int64, each row summing to 2^ANS_PROB_BITS,
+    every counted symbol at least 1; the rounding error goes to the row's most frequent symbol."""
+    total = 1 << ANS_PROB_BITS
+    counts = counts.astype(np.int64)
+    freq = np.where(counts > 0, np.maximum(1, counts * total // np.maximum(counts.sum(1, keepdims=True), 1)), 0)
+    freq[np.arange(len(freq)), freq.argmax(1)] += total - freq.sum(1)
+    if np.any((counts > 0) & (freq < 1)):
+        raise ValueError("ANS: a symbol's frequency rounded away (too many rare symbols in one table)")
+    return freq
+
+
+def ans_encode(sym: np.ndarray, ctx: np.ndarray, freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symbols sym [N] (uint8), each coded with table ctx[i] of freq [C, 256] -> (the 16-bit words
+    in the order ans_decode reads them, the lanes' final states [ANS_LANES] uint32). Symbol i goes
+    to lane i % ANS_LANES; the encoder runs backwards, so that the decoder runs forwards."""
+    K, P = ANS_LANES, ANS_PROB_BITS
+    f_of, c_of = freq.reshape(-1).astype(np.uint64), (np.cumsum(freq, 1) - freq).reshape(-1).astype(np.uint64)
+    x, chunks = np.full(K, ANS_LOW, dtype=np.uint64), []
+    for start in range((len(sym) - 1) // K * K, -1, -K):
+        i = ctx[start:start + K].astype(np.int64) * 256 + sym[start:start + K]
+        f, c, xs = f_of[i], c_of[i], x[:len(i)]
+        full = xs >= f << np.uint64(32 - P)  # one more symbol would leave [2^16, 2^32): shift a word out first
+        chunks.append((xs[full] & np.uint64(0xFFFF)).astype(np.uint16))
+        xs[full] >>= np.uint64(16)
+        x[:len(i)] = (xs // f << np.uint64(P)) + xs % f + c
+    words = np.concatenate(chunks[::-1]) if chunks else np.zeros(0, np.uint16)
+    return words, x.astype(np.uint32)
+
+
+def ans_decode(words: np.ndarray, states: np.ndarray, ctx: np.ndarray, freq: np.ndarray) -> np.ndarray:
+    """Inverse of ans_encode: len(ctx) symbols (uint8). Raises ValueError unless the words are used
+    up exactly and every lane ends in the encoder's start state (a corrupt stream does not)."""
+    K, P, M = ANS_LANES, ANS_PROB_BITS, 1 << ANS_PROB_BITS
+    f_of, c_of = freq.reshape(-1).astype(np.uint64), (np.cumsum(freq, 1) - freq).reshape(-1).astype(np.uint64)
+    # slot -> symbol, table after table: symbol s owns the slots [cum_s, cum_s + freq_s) of its table
+    symbol_at = np.repeat(np.tile(np.arange(256, dtype=np.uint8), len(freq)), freq.reshape(-1))
+    x, words, out, pos = states.astype(np.uint64), words.astype(np.uint64), np.empty(len(ctx), np.uint8), 0
+    for start in range(0, len(ctx), K):
+        c = ctx[start:start + K].astype(np.int64)
+        xs = x[:len(c)]
+        slot = xs & np.uint64(M - 1)
+        s = symbol_at[c * M + slot.astype(np.int64)]
+        i = c * 256 + s
+        xs = f_of[i] * (xs >> np.uint64(P)) + slot - c_of[i]
+        low = np.flatnonzero(xs < ANS_LOW)
+        if pos + len(low) > len(words):
+            raise ValueError("ANS stream ends early: truncated or corrupt artifact")
+        xs[low] = (xs[low] << np.uint64(16)) | words[pos:pos + len(low)]
+        x[:len(c)], out[start:start + len(c)], pos = xs, s, pos + len(low)
+    if pos != len(words) or np.any(x != ANS_LOW):
+        raise ValueError("ANS stream does not decode to its start state: corrupt artifact")
+    return out
+
+
+def _ans_contexts(shapes: list, ngroups: list, groups: list) -> np.ndarray:
+    """The table of every symbol: each matrix's groups get their own table numbers, in order."""
+    parts, base = [], 0
+    for shape, g, group in zip(shapes, ngroups, groups):
+        rows = math.prod(shape[:-1])
+        parts.append(np.broadcast_to(group.astype(np.int32) + base, (rows, shape[-1])).reshape(-1))
+        base += g
+    return np.concatenate(parts)
+
+
+def ans_pack(w: dict) -> tuple[dict, dict, bytes]:
+    """w -> (w without its int8 matrices, their side information, their rANS stream)."""
+    names = sorted(k for k, t in w.items() if t.dtype == torch.int8 and t.dim() >= 2 and t.numel() >= ANS_MIN_NUMEL)
+    shapes, ngroups, groups, syms = [], [], [], []
+    for name in names:
+        q = w[name].contiguous().numpy().reshape(-1, w[name].size(-1))
+        g = min(ANS_COLUMN_GROUPS, q.shape[1])
+        group = np.empty(q.shape[1], np.uint8)
+        for k, part in enumerate(np.array_split(np.argsort((q.astype(np.int64) ** 2).sum(0), kind="stable"), g)):
+            group[part] = k
+        shapes.append(list(w[name].shape)), ngroups.append(g), groups.append(group)
+        syms.append(q.view(np.uint8).reshape(-1) ^ np.uint8(0x80))  # int8 -> 0..255, order kept
+    sym = np.concatenate(syms) if syms else np.zeros(0, np.uint8)
+    ctx = _ans_contexts(shapes, ngroups, groups) if syms else np.zeros(0, np.int32)
+    freq = ans_frequencies(np.bincount(ctx.astype(np.int64) * 256 + sym, minlength=sum(ngroups) * 256)
+                           .reshape(-1, 256))
+    words, states = ans_encode(sym, ctx, freq)
+    side = {"names": names, "shapes": shapes, "ngroups": ngroups, "groups": [torch.from_numpy(g) for g in groups],
+            # frequencies stored minus one, so that 2^15 (a table of one symbol) fits int16; unused symbols: -1
+            "freq": torch.from_numpy((freq - 1).astype(np.int16)), "states": torch.from_numpy(states.view(np.int32)),
+            "words": len(words), "at": [list(w).index(name) for name in names]}  # their places in w's order
+    return {k: t for k, t in w.items() if k not in set(names)}, side, words.astype("<u2").tobytes()
+
+
+def ans_unpack(rest: dict, side: dict, stream: bytes) -> dict:
+    """Inverse of ans_pack: the whole w, in its order."""
+    if len(stream) != 2 * side["words"]:
+        raise ValueError(f"ANS stream is {len(stream)} bytes, its header says {2 * side['words']}: truncated or corrupt")
+    groups = [g.numpy() for g in side["groups"]]
+    ctx = _ans_contexts(side["shapes"], side["ngroups"], groups) if groups else np.zeros(0, np.int32)
+    sym = ans_decode(np.frombuffer(stream, dtype="<u2"), side["states"].numpy().view(np.uint32), ctx,
+                     side["freq"].numpy().astype(np.int64) + 1)
+    decoded, keys, pos = {}, list(rest), 0
+    for name, shape in zip(side["names"], side["shapes"]):
+        n = math.prod(shape)
+        decoded[name] = torch.from_numpy((sym[pos:pos + n] ^ np.uint8(0x80)).view(np.int8).reshape(shape).copy())
+        pos += n
+    for at, name in sorted(zip(side["at"], side["names"])):
+        keys.insert(at, name)
+    return {k: decoded[k] if k in decoded else rest[k] for k in keys}
+
+
 def _codec(compressor: str):
     """(compress, decompress) for one piece. brotli is imported only when asked for, so lzma
     runs work on installs without it. Both libraries release the GIL, so threads suffice."""
@@ -2733,24 +2860,31 @@ def _parallel_map(fn, items: list) -> list:
         return list(pool.map(fn, items))
 
 
-def serialize_quantized(w: dict, meta: dict, compressor: str) -> bytes:
+def serialize_quantized(w: dict, meta: dict, compressor: str, ans: bool = False) -> bytes:
+    """The artifact's model bytes; ans: the int8 matrices as one rANS stream after the pieces
+    (container version 2), the rest compressed as always (version 1 without)."""
     compress, _ = _codec(compressor)
+    state, stream = {"w": w, "m": meta}, b""
+    if ans and any(t.dtype == torch.int8 and t.dim() >= 2 and t.numel() >= ANS_MIN_NUMEL for t in w.values()):
+        rest, side, stream = ans_pack(w)
+        state = {"w": rest, "m": meta, "ans": side}
     buf = io.BytesIO()
-    torch.save({"w": w, "m": meta}, buf)
+    torch.save(state, buf)
     payload = byte_shuffle(buf.getvalue(), 2)
     pieces = _parallel_map(compress, [payload[i:i + ARTIFACT_PIECE_BYTES]
                                       for i in range(0, len(payload), ARTIFACT_PIECE_BYTES)])
-    header = (ARTIFACT_MAGIC + bytes([ARTIFACT_VERSION]) + COMPRESSOR_CODES[compressor]
+    header = (ARTIFACT_MAGIC + bytes([ARTIFACT_VERSION + bool(stream)]) + COMPRESSOR_CODES[compressor]
               + np.array([len(pieces)] + [len(p) for p in pieces], dtype="<u4").tobytes())
-    return header + b"".join(pieces)
+    return header + b"".join(pieces) + stream
 
 
 def deserialize_quantized(blob: bytes) -> tuple[dict, dict]:
     """Exact inverse of serialize_quantized; the compressor is read from the header."""
     if blob[:4] != ARTIFACT_MAGIC:
         raise ValueError(f"not a quantized artifact: magic {blob[:4]!r}, expected {ARTIFACT_MAGIC!r}")
-    if blob[4] != ARTIFACT_VERSION:
-        raise ValueError(f"artifact version {blob[4]}, this script reads version {ARTIFACT_VERSION}")
+    if blob[4] not in (ARTIFACT_VERSION, ARTIFACT_VERSION + 1):
+        raise ValueError(f"artifact version {blob[4]}, this script reads versions {ARTIFACT_VERSION} and "
+                         f"{ARTIFACT_VERSION + 1} (with an ANS stream)")
     names = {code[0]: name for name, code in COMPRESSOR_CODES.items()}
     if blob[5] not in names:
         raise ValueError(f"artifact names an unknown compressor code {bytes([blob[5]])!r}")
@@ -2758,10 +2892,12 @@ def deserialize_quantized(blob: bytes) -> tuple[dict, dict]:
     count = int(np.frombuffer(blob, dtype="<u4", count=1, offset=6)[0])
     lengths = np.frombuffer(blob, dtype="<u4", count=count, offset=10).tolist()
     ends = np.cumsum([10 + 4 * count] + lengths).tolist()
-    if ends[-1] != len(blob):
+    if ends[-1] > len(blob) or (blob[4] == ARTIFACT_VERSION and ends[-1] != len(blob)):
         raise ValueError(f"artifact is {len(blob)} bytes but its header describes {ends[-1]}; truncated or corrupt")
     payload = b"".join(_parallel_map(decompress, [blob[a:b] for a, b in zip(ends[:-1], ends[1:])]))
     state = torch.load(io.BytesIO(byte_unshuffle(payload)), map_location="cpu", weights_only=True)
+    if "ans" in state:
+        return ans_unpack(state["w"], state["ans"], blob[ends[-1]:]), state["m"]
     return state["w"], state["m"]
 
 
@@ -2959,6 +3095,8 @@ def write_artifact(h: Hyperparameters, model: GPT, source: str, ptz_path: str, d
     code_bytes = os.path.getsize(stub_path)
     blobs = {}
 
+    codec = ("ans+" if h.ans_coding else "") + h.compressor
+
     def build(factor: float) -> int:
         if factor in blobs:
             return len(blobs[factor][0]) + code_bytes
@@ -2966,9 +3104,9 @@ def write_artifact(h: Hyperparameters, model: GPT, source: str, ptz_path: str, d
         w, meta = quantize_model(model, h, hessians, factor)
         gptq_s = time.perf_counter() - t
         t = time.perf_counter()
-        blob = serialize_quantized(w, meta, h.compressor)
+        blob = serialize_quantized(w, meta, h.compressor, h.ans_coding)
         blobs[factor] = (blob, w, meta)
-        log(f"GPTQ clip x{factor:.4f}: quantize {gptq_s:.1f}s, {h.compressor} {time.perf_counter() - t:.1f}s, "
+        log(f"GPTQ clip x{factor:.4f}: quantize {gptq_s:.1f}s, {codec} {time.perf_counter() - t:.1f}s, "
             f"{len(blob):,} model bytes")
         info.setdefault("gptq_seconds", gptq_s)
         info.setdefault("compress_seconds", time.perf_counter() - t)
@@ -2988,7 +3126,7 @@ def write_artifact(h: Hyperparameters, model: GPT, source: str, ptz_path: str, d
     blob, w, meta = blobs[factor]
     write_atomically(ptz_path, blob)
     report = artifact_size_report(len(blob), code_bytes, h.artifact_limit_bytes, stored_bytes_by_kind(w, meta),
-                                  h.compressor)
+                                  codec)
     log(report)
     info.update(model_bytes=len(blob), code_bytes=code_bytes, total_bytes=total, path=ptz_path, report=report)
     return info

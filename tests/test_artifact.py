@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,13 +134,14 @@ def test_byte_shuffle_inverts(length, stride):
         assert shuffled[5:] == data[0::2] + data[1::2]
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
-def test_serialize_roundtrip_is_bitwise(compressor, monkeypatch):
+@pytest.mark.parametrize("compressor,ans", [("brotli", False), ("lzma", False), ("lzma", True)])
+def test_serialize_roundtrip_is_bitwise(compressor, ans, monkeypatch):
     pytest.importorskip("brotli") if compressor == "brotli" else None
     monkeypatch.setattr(tg, "ARTIFACT_PIECE_BYTES", 50_000)  # several pieces, as at full size
+    monkeypatch.setattr(tg, "ANS_LANES", 64)  # several steps per lane at this size
     _, (w, meta) = quantize_small()
-    blob = tg.serialize_quantized(w, meta, compressor)
-    assert blob[:4] == b"PGQA"
+    blob = tg.serialize_quantized(w, meta, compressor, ans)
+    assert blob[:5] == b"PGQA" + bytes([2 if ans else 1])
     assert int.from_bytes(blob[6:10], "little") > 2
     w2, meta2 = tg.deserialize_quantized(blob)
     assert meta2 == meta and list(w2) == list(w)
@@ -149,7 +151,59 @@ def test_serialize_roundtrip_is_bitwise(compressor, monkeypatch):
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8) if a[k].is_floating_point() else a[k],
                                                         b[k].view(torch.uint8) if b[k].is_floating_point() else b[k])
-    assert tg.serialize_quantized(w2, meta2, compressor) == blob  # deterministic
+    assert tg.serialize_quantized(w2, meta2, compressor, ans) == blob  # deterministic
+
+
+def ans_symbols(seed: int, n: int, tables: int) -> tuple:
+    """n symbols from `tables` distributions (Gaussian-like of several spreads, one of a single
+    symbol, one that uses all 256), with the table of each."""
+    g = np.random.default_rng(seed)
+    ctx = g.integers(0, tables, n).astype(np.int32)
+    spread = np.array([0.0, 60.0] + [1.0 + 4 * k for k in range(tables - 2)])[ctx]
+    sym = np.clip(np.rint(g.normal(128, 1, n) + spread * g.standard_normal(n)), 0, 255).astype(np.uint8)
+    sym[ctx == 0] = 131  # table 0 holds one symbol: its frequency is the whole 2^15
+    counts = np.bincount(ctx.astype(np.int64) * 256 + sym, minlength=tables * 256).reshape(tables, 256)
+    return sym, ctx, counts
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 5000])
+def test_ans_decodes_what_it_encoded_from_several_tables(n, monkeypatch):
+    monkeypatch.setattr(tg, "ANS_LANES", 64)  # n below, at and above one step of the lanes
+    sym, ctx, counts = ans_symbols(n, n, 6)
+    freq = tg.ans_frequencies(counts)
+    used = counts.sum(1) > 0  # an unused table still sums to 2^15 (on symbol 0), so the slot layout holds
+    assert (freq.sum(1) == 1 << tg.ANS_PROB_BITS).all() and ((freq > 0) == (counts > 0))[used].all()
+    words, states = tg.ans_encode(sym, ctx, freq)
+    assert words.dtype == np.uint16 and states.dtype == np.uint32 and len(states) == 64
+    assert np.array_equal(tg.ans_decode(words, states, ctx, freq), sym)
+
+
+def test_ans_comes_within_half_a_percent_of_the_entropy():
+    sym, ctx, counts = ans_symbols(1, 400_000, 5)
+    p = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    entropy_bytes = -(counts * np.log2(np.where(counts > 0, p, 1))).sum() / 8
+    words, states = tg.ans_encode(sym, ctx, tg.ans_frequencies(counts))
+    assert entropy_bytes < 2 * len(words) + 4 * len(states) < 1.005 * entropy_bytes + 4 * len(states)
+
+
+def test_a_damaged_ans_stream_is_refused():
+    _, (w, meta) = quantize_small()
+    blob = tg.serialize_quantized(w, meta, "lzma", ans=True)
+    for bad in (blob[:-2], blob + b"\0\0", blob[:-40] + bytes(b ^ 0x5A for b in blob[-40:])):
+        with pytest.raises(ValueError, match="ANS|truncated|corrupt"):
+            tg.deserialize_quantized(bad)
+
+
+def test_ans_is_smaller_than_the_compressor_alone_on_int6_matrices():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.linspace(3, 9, 256)  # input channels differ in spread, as in trained matrices
+    w = {f"m{i}.q": torch.clamp(torch.round(torch.randn(512, 256, generator=g) * spread), -31, 31).to(torch.int8)
+         for i in range(4)}
+    w["m0.scale"] = torch.rand(512, generator=g).half()
+    plain, coded = tg.serialize_quantized(w, {}, "lzma"), tg.serialize_quantized(w, {}, "lzma", ans=True)
+    assert len(coded) < 0.98 * len(plain)  # (8 KB of it the lane states, negligible at full size)
+    w2, _ = tg.deserialize_quantized(coded)
+    assert list(w2) == list(w) and all(torch.equal(w2[k], w[k]) for k in w)
 
 
 def test_deserialize_rejects_truncated_and_foreign_blobs():

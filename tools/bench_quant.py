@@ -87,13 +87,13 @@ def main():
     torch.save({"w": w, "m": meta}, buf)
     payload = tg.byte_shuffle(buf.getvalue(), 2)
     print(f"payload {len(payload):,} bytes", flush=True)
-    for comp in ("brotli", "lzma"):
-        blob, sec = timed(lambda: tg.serialize_quantized(w, meta, comp))
+    for comp, ans in (("brotli", False), ("lzma", False), ("brotli", True)):
+        blob, sec = timed(lambda: tg.serialize_quantized(w, meta, comp, ans))
         (w2, m2), dsec = timed(lambda: tg.deserialize_quantized(blob))
         same = m2 == meta and all(torch.equal(w2[k], w[k]) for k in w)
-        print(f"{comp} pieces: {len(blob):,} bytes in {sec:.1f}s ({int.from_bytes(blob[6:10], 'little')} pieces), "
+        print(f"{'ans+' if ans else ''}{comp} pieces: {len(blob):,} bytes in {sec:.1f}s ({int.from_bytes(blob[6:10], 'little')} pieces), "
               f"decompress {dsec:.2f}s, roundtrip exact {same}", flush=True)
-        if "single" in sys.argv[2:]:
+        if "single" in sys.argv[2:] and not ans:
             fn = (lambda: __import__("brotli").compress(payload, quality=11)) if comp == "brotli" else \
                 (lambda: lzma.compress(payload, preset=6))
             one, sec1 = timed(fn)

@@ -28,7 +28,7 @@ import train_gpt as tg  # noqa: E402
 # The variables a variant may change: they act after training, on the same weights.
 QUANT_VARIABLES = ("MATRIX_BITS", "EMBED_BITS", "MATRIX_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS", "MLP_CLIP_SIGMAS",
                    "ATTN_CLIP_SIGMAS", "AWQ_LITE_GROUPS", "AWQ_LITE_GROUP_SIZE", "AWQ_LITE_BITS", "ROW_REORDER",
-                   "LQER_TOP_K", "LQER_RANK", "LQER_GROUP", "COMPRESSOR", "GPTQ_CALIBRATION_BATCHES")
+                   "LQER_TOP_K", "LQER_RANK", "LQER_GROUP", "COMPRESSOR", "ANS_CODING", "GPTQ_CALIBRATION_BATCHES")
 
 DEFAULT_VARIANTS = (
     "defaults:",
@@ -38,6 +38,8 @@ DEFAULT_VARIANTS = (
     "rows reordered: ROW_REORDER=1",
     "32 calibration batches (PR #2135): GPTQ_CALIBRATION_BATCHES=32",
     "MLP clip 11.5 (PR #2164): MLP_CLIP_SIGMAS=11.5",
+    "MLP clip 12.0 (with the bytes ANS saves): MLP_CLIP_SIGMAS=12.0",
+    "without the entropy coder: ANS_CODING=0",
     "together: EMBED_BITS=7 LQER_TOP_K=3 AWQ_LITE_GROUPS=1 ROW_REORDER=1",
 )
 
@@ -114,7 +116,7 @@ def sweep(args: argparse.Namespace, environ=None) -> dict:
         w, meta = tg.quantize_model(model, hv, hessians[hv.gptq_calibration_batches])
         quantize_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        blob = tg.serialize_quantized(w, meta, hv.compressor)
+        blob = tg.serialize_quantized(w, meta, hv.compressor, hv.ans_coding)
         compress_s = time.perf_counter() - t0
         tg.load_artifact(blob, model)
         score = ctx.evaluate(f"[{i + 1}/{len(settings)}] {name}")
