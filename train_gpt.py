@@ -2720,8 +2720,9 @@ def byte_unshuffle(blob: bytes) -> bytes:
 # distributions per matrix gets below it. Each matrix's columns (its input channels, which differ
 # in spread) are split into up to ANS_COLUMN_GROUPS groups by their mean square, and each group has
 # its own frequency table. Every symbol of every such matrix goes through one rANS stream (Duda
-# 2013, arXiv:1311.2540; on Parameter Golf weights since PR #1510), interleaved over ANS_LANES lanes so that numpy codes one symbol of each
-# lane per step: the symbols are independent, so the lanes only share the word stream. A lane's
+# 2013, arXiv:1311.2540; on Parameter Golf weights since PR #1510), interleaved over ANS_LANES
+# lanes so that numpy codes one symbol of each lane per step: the symbols are independent, so the
+# lanes only share the word stream. A lane's
 # state lives in [2^16, 2^32) and moves 16 bits at a time; a table's frequencies sum to
 # 2^ANS_PROB_BITS. The stream follows the compressed pieces; its tables, column groups, lane
 # states and length travel inside them. Pure integer arithmetic: the bytes never depend on the
