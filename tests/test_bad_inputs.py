@@ -25,6 +25,12 @@ def _artifact(env: dict) -> bytes:
     return tg.serialize_quantized(w, meta, "lzma")
 
 
+def _ans_artifact() -> bytes:
+    """A version-2 artifact (its int8 matrix rANS-coded after the compressed part)."""
+    q = torch.randint(-31, 32, (64, 128), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    return tg.serialize_quantized({"m.q": q}, {}, "lzma", ans=True)
+
+
 def _write(path, data: bytes) -> str:
     with open(path, "wb") as f:
         f.write(data)
@@ -119,6 +125,9 @@ CASES = [
     ("text file as artifact", lambda t, e: {"EVAL_ONLY_PATH": _write(os.path.join(t, "a.ptz"), b"hello")}, 2,
      ["a.ptz", "cannot be read"]),
     ("truncated artifact", lambda t, e: {"EVAL_ONLY_PATH": _truncate(_write(os.path.join(t, "a.ptz"), _artifact(e)))},
+     2, ["a.ptz", "truncated"]),
+    ("artifact with a cut ANS stream", lambda t, e: {"EVAL_ONLY_PATH": _truncate(_write(os.path.join(t, "a.ptz"),
+                                                                                    _ans_artifact()), 0.99)},
      2, ["a.ptz", "truncated"]),
     ("artifact of fewer layers", lambda t, e: {"EVAL_ONLY_PATH": _write(os.path.join(t, "a.ptz"), _artifact(
         dict(e, NUM_LAYERS="3", XSA_LAST_N="3")))}, 2, ["a.ptz", "NUM_LAYERS"]),
