@@ -2745,12 +2745,17 @@ def ans_frequencies(counts: np.ndarray) -> np.ndarray:
     return freq
 
 
+def _ans_flat_tables(freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each (table, symbol)'s frequency and the sum of those before it in its table, flat at table * 256 + symbol."""
+    return freq.reshape(-1).astype(np.uint64), (np.cumsum(freq, 1) - freq).reshape(-1).astype(np.uint64)
+
+
 def ans_encode(sym: np.ndarray, ctx: np.ndarray, freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symbols sym [N] (uint8), each coded with table ctx[i] of freq [C, 256] -> (the 16-bit words
     in the order ans_decode reads them, the lanes' final states [ANS_LANES] uint32). Symbol i goes
     to lane i % ANS_LANES; the encoder runs backwards, so that the decoder runs forwards."""
     K, P = ANS_LANES, ANS_PROB_BITS
-    f_of, c_of = freq.reshape(-1).astype(np.uint64), (np.cumsum(freq, 1) - freq).reshape(-1).astype(np.uint64)
+    f_of, c_of = _ans_flat_tables(freq)
     x, chunks = np.full(K, ANS_LOW, dtype=np.uint64), []
     for start in range((len(sym) - 1) // K * K, -1, -K):
         i = ctx[start:start + K].astype(np.int64) * 256 + sym[start:start + K]
@@ -2767,7 +2772,7 @@ def ans_decode(words: np.ndarray, states: np.ndarray, ctx: np.ndarray, freq: np.
     """Inverse of ans_encode: len(ctx) symbols (uint8). Raises ValueError unless the words are used
     up exactly and every lane ends in the encoder's start state (a corrupt stream does not)."""
     K, P, M = ANS_LANES, ANS_PROB_BITS, 1 << ANS_PROB_BITS
-    f_of, c_of = freq.reshape(-1).astype(np.uint64), (np.cumsum(freq, 1) - freq).reshape(-1).astype(np.uint64)
+    f_of, c_of = _ans_flat_tables(freq)
     # slot -> symbol, table after table: symbol s owns the slots [cum_s, cum_s + freq_s) of its table
     symbol_at = np.repeat(np.tile(np.arange(256, dtype=np.uint8), len(freq)), freq.reshape(-1))
     x, words, out, pos = states.astype(np.uint64), words.astype(np.uint64), np.empty(len(ctx), np.uint8), 0
