@@ -734,7 +734,10 @@ class DocumentPackingLoader:
         return [chunk[:-1], chunk[1:], torch.from_numpy(cu)], max_len
 
     def held_out_batches(self) -> list[tuple[Tensor, Tensor, Tensor, int]]:
-        """The hold_out micro-batches (this rank's slice of each held-out span), cut as next_batch cuts."""
+        """The hold_out micro-batches (this rank's slice of each held-out span), cut as next_batch cuts;
+        none when nothing is held out (EMA_SELECT=0)."""
+        if not self.hold_out:
+            return []
         tokens = read_shard(self.paths[self.held_shard])
         batches = [self._rank_slice(tokens, self.held_start + k * self.span, self.max_doc_len)
                    for k in range(self.hold_out)]

@@ -232,6 +232,11 @@ def test_packing_loader_holds_out_the_last_shards_tail_in_every_pass(tmp_path):
             ref_cu, ref_max = build_cu_seqlens(x.numpy(), max_doc_len)
             assert np.array_equal(cu.numpy(), ref_cu) and max_len == ref_max
     assert last[start] == BOS_ID
+    loader = DocumentPackingLoader(pattern, n, max_doc_len, world_size=world)  # EMA_SELECT=0: nothing held out
+    try:
+        assert loader.held_out_batches() == []
+    finally:
+        loader.close()
     with pytest.raises(ConfigError, match="EMA_SELECT=50"):
         DocumentPackingLoader(pattern, n, max_doc_len, world_size=world, hold_out=50)
     loader = DocumentPackingLoader(pattern, n, max_doc_len, world_size=world, hold_out=10)

@@ -216,6 +216,15 @@ def test_ema_select_keeps_whichever_weights_score_lower_on_unseen_training_batch
     assert all(torch.equal(p.detach(), live[n]) for n, p in model.named_parameters())
 
 
+def test_training_with_ema_select_off_holds_nothing_out_and_finishes(make_hparams):
+    """EMA_SELECT=0 (the record's settings): training ends normally with no held-out batches. It
+    once raised a TypeError there, after the whole run and before its checkpoint was saved."""
+    h = make_hparams(ITERATIONS=2, VAL_LOSS_EVERY=0, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256, EMA_SELECT=0)
+    model = tg.build_model(h, torch.device("cpu"))
+    trainer = tg.Trainer(h, model, model, torch.device("cpu"), _quiet)
+    assert trainer.train(lambda step: (1.0, 1.0))["steps"] == 2 and trainer.held_out == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Progressive training context (TRAIN_SEQ_SCHEDULE)
 # ---------------------------------------------------------------------------------------------
