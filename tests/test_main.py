@@ -283,12 +283,12 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
 def test_training_side_switches_run_end_to_end(tiny_dataset, tmp_path, monkeypatch):
     """The switches that are off by default (the dense attention output gate in place of the sparse
     one, the asymmetric softcap) with those that are on (SmearGate, Polar Express, the Muon
-    weight-decay taper, EMA_SELECT): train, quantize (the new small tensors pass through the
+    weight-decay taper, EMA_SELECT), late QAT from half-way: train, quantize (the new small tensors pass through the
     artifact) with AWQ-lite, LQER and reordered rows, evaluate the artifact."""
     env = dict(E2E_ENV, **tiny_dataset.env, ARTIFACT_DIR=str(tmp_path), SMEAR_GATE="1", ATTN_OUT_GATE="1",
                SPARSE_ATTN_GATE="0",
                LOGIT_SOFTCAP_NEG="12", MUON_POLAR_EXPRESS="1", MUON_WD_TAPER_AT="0.5", EMA_SELECT="2",
-               AWQ_LITE_GROUPS="1", LQER_TOP_K="2", ROW_REORDER="1")
+               AWQ_LITE_GROUPS="1", LQER_TOP_K="2", ROW_REORDER="1", QAT_AT="0.5")
     assert run_main(monkeypatch, env) == 0
     summary = read_json(os.path.join(tmp_path, "summary.json"))
     assert summary["ema_select"]["kept"] in ("live", "ema")
