@@ -185,6 +185,8 @@ class Hyperparameters:
         # late QAT: from this budget fraction (0: never) training sees every matrix on its export grid
         self.qat_at = get("QAT_AT", 0.0, "0..1")
         self.ema_decay = get("EMA_DECAY", 0.9965, "[0,1)")
+        # until EMA_DECAY caps it, the average spans about the last t / EMA_WINDOW_DIVISOR steps
+        self.ema_window_divisor = get("EMA_WINDOW_DIVISOR", 9.0, ">0")
         self.ema_select = get("EMA_SELECT", 4, ">=0")  # >0: keep EMA or live weights, whichever has the lower
         # loss on this many held-out training micro-batches (never trained on, never validation data)
         # test-time training
@@ -1981,17 +1983,19 @@ class EMA:
     a 300-step run ~35% of that shadow was still the random init, and most of the rest came
     from the first, high-loss steps (measured on the corpus: live 1.052 bpb, such an average
     1.289). Here the decay warms up as in TensorFlow's ExponentialMovingAverage(num_updates):
-    d_t = min(decay, (1 + t) / (10 + t)), so the average spans about the last t/10 steps early
-    on and reaches the full decay after ~2,600 steps (a 600 s record run, ~4,850 steps, ends with
-    the record's average). The shadow starts at zero and is divided by 1 - prod(d_t), as Adam
-    corrects its moments, so no initial weight survives and a constant stays that constant."""
+    d_t = min(decay, (1 + t) / (1 + k + t)) with k = EMA_WINDOW_DIVISOR (9: (1 + t) / (10 + t)), so
+    the average spans about the last t/k steps early on and, at k = 9, reaches the full decay after
+    ~2,600 steps (a 600 s record run, ~4,850 steps, ends with the record's average); a larger k
+    follows the live weights more closely in a short run. The shadow starts at zero and is divided
+    by 1 - prod(d_t), as Adam corrects its moments, so no initial weight survives and a constant
+    stays that constant."""
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay, self.steps, self.init_weight = decay, 0, 1.0
+    def __init__(self, model: nn.Module, decay: float, window_divisor: float = 9.0):
+        self.decay, self.window_divisor, self.steps, self.init_weight = decay, window_divisor, 0, 1.0
         self.shadow = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
 
     def decay_at(self, step: int) -> float:
-        return min(self.decay, (1 + step) / (10 + step))
+        return min(self.decay, (1 + step) / (1 + self.window_divisor + step))
 
     @torch.no_grad()
     def update(self, model: nn.Module):
@@ -2045,7 +2049,7 @@ class EMA:
 #                      after that                             MUON_WD x MUON_WD_TAPER (taper: PR #1729)
 #   depth recurrence   frac >= ENABLE_LOOPING_AT              on (off before; NUM_LOOPS > 0)
 #   late QAT           frac >= QAT_AT (or it is 0: never)     matrices fake-quantized in training forwards
-#   EMA decay          every step t                           min(EMA_DECAY, (1 + t) / (10 + t)), see EMA
+#   EMA decay          every step t                           min(EMA_DECAY, (1 + t) / (1 + k + t)), k = EMA_WINDOW_DIVISOR, see EMA
 
 
 def lr_multiplier(frac: float, h: Hyperparameters) -> float:
@@ -2154,7 +2158,7 @@ class Trainer:
         self.h, self.model, self.model_fn, self.device, self.log = h, model, model_fn, device, log
         self.opt = Optimizers(model, h)
         self.opt.muon.orthogonalize = compile_for(device, self.opt.muon.orthogonalize)
-        self.ema = EMA(model, h.ema_decay)
+        self.ema = EMA(model, h.ema_decay, h.ema_window_divisor)
         self.loader = self.new_loader()
         self.seq_len, self.seq_changed_at = h.train_seq_stages[0][0], 0  # progressive context: now, since step
         self.warmup_seconds: dict = {}  # (looping, seq_len) -> seconds of each warm-up step (warm_up)

@@ -391,12 +391,13 @@ def test_ema_of_constant_weights_is_that_constant_from_the_first_step():
         torch.testing.assert_close(p.detach(), want[name], atol=0, rtol=2e-5)
 
 
-def test_ema_matches_the_warmed_up_bias_corrected_formula():
-    """With d_t = min(decay, (1+t)/(10+t)): shadow_t = sum_i (1-d_i) prod_{j>i} d_j w_i, divided by
-    1 - prod_i d_i."""
-    decay = 0.8
+@pytest.mark.parametrize("k", [9.0, 30.0])
+def test_ema_matches_the_warmed_up_bias_corrected_formula(k):
+    """With d_t = min(decay, (1+t)/(1+k+t)) (k = EMA_WINDOW_DIVISOR; 9 gives (1+t)/(10+t)):
+    shadow_t = sum_i (1-d_i) prod_{j>i} d_j w_i, divided by 1 - prod_i d_i."""
+    decay = 0.8 if k == 9 else 0.9
     model = nn.Linear(4, 2, bias=False)
-    ema = tg.EMA(model, decay)
+    ema = tg.EMA(model, decay, k)
     g = torch.Generator().manual_seed(3)
     history = []
     for t in range(1, 40):
@@ -404,13 +405,13 @@ def test_ema_matches_the_warmed_up_bias_corrected_formula():
             model.weight.copy_(torch.randn(2, 4, generator=g))
         history.append(model.weight.detach().double().clone())
         ema.update(model)
-        d = [min(decay, (1 + i) / (10 + i)) for i in range(1, t + 1)]
+        d = [min(decay, (1 + i) / (1 + k + i)) for i in range(1, t + 1)]
         shadow = sum((1 - d[i]) * math.prod(d[i + 1:]) * w for i, w in enumerate(history))
         want = shadow / (1 - math.prod(d))
         torch.testing.assert_close(ema.averaged()["weight"].double(), want, atol=1e-6, rtol=1e-6)
-    assert ema.decay_at(39) == decay  # warmed up: (1+39)/(10+39) > 0.8
+    assert ema.decay_at(39) == min(decay, 40 / (40 + k))  # k = 9: warmed up, 40/49 > 0.8; k = 30: not yet
     state = ema.state_dict()
-    other = tg.EMA(model, decay)
+    other = tg.EMA(model, decay, k)
     other.load_state_dict(state)
     assert other.steps == 39 and torch.equal(other.averaged()["weight"], ema.averaged()["weight"])
 
