@@ -41,7 +41,7 @@ def test_parse_args_defaults(monkeypatch):
     a = bt.parse_args([])
     assert (a.data_dir, a.steps, a.settle_steps, a.profile, a.profile_steps, a.out, a.overrides) == \
         ("/root/data", 10, 1, False, 2, "", [])
-    assert a.peak_tflops == 989.0 and not a.allow_cpu
+    assert a.peak_tflops == 989.0 and not a.allow_cpu and not a.fresh_caches
     monkeypatch.setenv("DATA_DIR", "/elsewhere")
     assert bt.parse_args([]).data_dir == "/elsewhere"
 
@@ -49,9 +49,9 @@ def test_parse_args_defaults(monkeypatch):
 def test_parse_args_values():
     a = bt.parse_args(["--data-dir", "/d", "--steps", "3", "--settle-steps", "0", "--profile", "--profile-steps", "4",
                        "--out", "r.json", "--set", "ATTN_BACKEND=varlen", "--set", "FUSED_MLP=0", "--peak-tflops",
-                       "790"])
+                       "790", "--fresh-caches"])
     assert (a.data_dir, a.steps, a.settle_steps, a.profile, a.profile_steps, a.out) == ("/d", 3, 0, True, 4, "r.json")
-    assert a.overrides == [("ATTN_BACKEND", "varlen"), ("FUSED_MLP", "0")] and a.peak_tflops == 790
+    assert a.overrides == [("ATTN_BACKEND", "varlen"), ("FUSED_MLP", "0")] and a.peak_tflops == 790 and a.fresh_caches
 
 
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "x"], ["--settle-steps", "-1"],

@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the GPU's dense bf16 peak that MFU divides by (default 989, H100/H200 SXM)")
     p.add_argument("--set", dest="overrides", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hyperparameters variable, e.g. --set ATTN_BACKEND=varlen (repeatable)")
+    p.add_argument("--fresh-caches", action="store_true",
+                   help="compile into new, empty Inductor and Triton cache folders, so the compile + warmup time "
+                        "is a fresh machine's even on a warm one (for before/after compile timings in one session)")
     p.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # the CPU smoke test only
     args = p.parse_args(argv)
     if args.peak_tflops <= 0:
@@ -771,6 +774,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("bench_train: needs a CUDA device", file=sys.stderr)
         return 2
+    if args.fresh_caches:  # read by Inductor and Triton when they first compile, not at import
+        import tempfile
+        fresh = tempfile.mkdtemp(prefix="bench_train_caches_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = fresh, os.path.join(fresh, "triton")
+        print(f"fresh compile caches in {fresh}", flush=True)
     tg = _tg()
     try:
         result = run_benchmark(args)
