@@ -345,12 +345,15 @@ def _synthetic_step():
     mm_ns = e.cpu("aten::mm", 20, 30, ns)
     add = e.cpu("aten::add", 60, 70, muon)
     mm = e.cpu("aten::mm", 200, 210)
+    backward = e.cpu("CompiledFunctionBackward", 220, 260)
+    mm_bwd = e.cpu("aten::mm", 230, 240, backward)
     adam = e.cpu("adamw", 300, 320, annotation=True)
     fused = e.cpu("aten::_fused_adamw_", 305, 315, adam)
     gemm = "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT"
     e.kernel(gemm, 1000, 5, mm_ns)
     e.kernel("triton_poi_fused_add_0", 1006, 2, add)
     e.kernel(gemm, 1010, 7, mm)
+    e.kernel(gemm, 1040, 6, mm_bwd)
     e.kernel("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 1020, 4, fused)
     e.kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 1012, 3)  # no CPU link; overlaps the gemm
     e.kernel("Memset (Device)", 1030, 1)
@@ -366,11 +369,14 @@ def test_enclosing_scope_and_kernel_records():
     assert bt.enclosing_scope(by_name["muon"]) == "muon"
     records = sorted(bt.kernel_records(events), key=lambda r: (r[0], str(r[1])))
     gemm = "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT"
+    assert bt.pass_of(by_name["aten::add"]) == "optimizer" and bt.pass_of(by_name["aten::mm"]) == "backward"
+    records = sorted(records, key=lambda r: (r[0], str(r[1]), str(r[4])))
     assert records == sorted([
-        (gemm, "newton_schulz", 5.0, 1), (gemm, None, 7.0, 1), ("triton_poi_fused_add_0", "muon", 2.0, 1),
-        ("multi_tensor_apply_kernel<FusedAdamMathFunctor>", "adamw", 4.0, 1),
-        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", None, 3.0, 1), ("Memset (Device)", None, 1.0, 1),
-    ], key=lambda r: (r[0], str(r[1])))
+        (gemm, "newton_schulz", 5.0, 1, "optimizer"), (gemm, None, 7.0, 1, "forward"),
+        (gemm, None, 6.0, 1, "backward"), ("triton_poi_fused_add_0", "muon", 2.0, 1, "optimizer"),
+        ("multi_tensor_apply_kernel<FusedAdamMathFunctor>", "adamw", 4.0, 1, "optimizer"),
+        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", None, 3.0, 1, None), ("Memset (Device)", None, 1.0, 1, None),
+    ], key=lambda r: (r[0], str(r[1]), str(r[4])))
 
 
 def test_kernel_records_scales_claims_down_to_the_device_total():
@@ -389,14 +395,17 @@ def test_breakdown_of_synthetic_step():
     busy = bt.busy_us(bt.device_intervals(events)) / 1000
     bd = bt.breakdown(bt.kernel_records(events), steps=2, wall_ms_per_step=0.05, busy_ms_per_step=busy / 2)
     ms = {r["component"]: r["ms_per_step"] for r in bd["components"]}
-    assert ms == pytest.approx({bt.SCOPES["newton_schulz"]: 0.0025, bt.MATMULS: 0.0035, bt.SCOPES["muon"]: 0.001,
+    assert ms == pytest.approx({bt.SCOPES["newton_schulz"]: 0.0025, bt.MATMULS: 0.0065, bt.SCOPES["muon"]: 0.001,
                                 bt.SCOPES["adamw"]: 0.002, bt.COMMUNICATION: 0.0015, bt.MEMCPY: 0.0005})
-    assert bd["kernel_ms_per_step"] == pytest.approx(0.011)
+    matmuls = next(r for r in bd["components"] if r["component"] == bt.MATMULS)
+    assert (matmuls["forward_ms"], matmuls["backward_ms"]) == pytest.approx((0.0035, 0.003))
+    assert bd["kernel_ms_per_step"] == pytest.approx(0.014)
     assert sum(r["percent"] for r in bd["components"]) == pytest.approx(100)
     assert [r["component"] for r in bd["components"]][0] == bt.MATMULS  # largest first
-    assert {r["component"]: r["kernels_per_step"] for r in bd["components"]}[bt.MATMULS] == 0.5
-    # kernels: [1000,1005] [1006,1008] [1010,1017] [1012,1015] [1020,1024] [1030,1031] -> 5+2+7+4+1 = 19 us busy
-    assert busy == pytest.approx(0.019)
+    assert {r["component"]: r["kernels_per_step"] for r in bd["components"]}[bt.MATMULS] == 1.0
+    # kernels: [1000,1005] [1006,1008] [1010,1017] [1012,1015] [1020,1024] [1030,1031] [1040,1046]
+    # -> 5+2+7+4+1+6 = 25 us busy
+    assert busy == pytest.approx(0.025)
     assert bd["top_kernels"][0]["name"].startswith("nvjet") and bd["top_kernels"][0]["component"] == bt.MATMULS
     launches = sum(k["launches_per_step"] for k in bd["top_kernels"])
     assert launches == pytest.approx(sum(r["kernels_per_step"] for r in bd["components"]))  # every kernel kept

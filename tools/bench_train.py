@@ -416,6 +416,19 @@ def enclosing_scope(event, scopes=SCOPES) -> str | None:
     return None
 
 
+def pass_of(event, scopes=SCOPES) -> str:
+    """The pass of the step that a kernel's launching CPU FunctionEvent belongs to: "optimizer"
+    inside a SCOPES range, "backward" under an autograd node (a CPU op named *Backward*, compiled
+    graphs' CompiledFunctionBackward too, or the autograd engine's own ranges), else "forward"."""
+    if enclosing_scope(event, scopes) is not None:
+        return "optimizer"
+    while event is not None:
+        if "Backward" in event.name or event.name.startswith("autograd::engine"):
+            return "backward"
+        event = event.cpu_parent
+    return "forward"
+
+
 def _is_device_event(event) -> bool:
     """A GPU activity (kernel, memcpy, memset) as opposed to CPU ops, GPU-side spans of
     record_function ranges (gpu_user_annotation) or synchronisation waits."""
@@ -437,9 +450,9 @@ def launching_ops(events):
             yield ev, kernels
 
 
-def kernel_records(events) -> list[tuple[str, str | None, float, int]]:
-    """(kernel name, scope, microseconds, kernel count) covering every GPU activity in a
-    profiler's events().
+def kernel_records(events) -> list[tuple[str, str | None, float, int, str | None]]:
+    """(kernel name, scope, microseconds, kernel count, pass) covering every GPU activity in a
+    profiler's events(); pass: pass_of() the launching op, None where no CPU op claims the time.
 
     The device events are the ground truth: each kernel's time is counted once. Its scope comes
     from the CPU op that launched it (FunctionEvent.kernels, filled by torch from the CUDA
@@ -452,21 +465,21 @@ def kernel_records(events) -> list[tuple[str, str | None, float, int]]:
         if _is_device_event(ev):
             device_us[ev.name] += ev.time_range.end - ev.time_range.start
             device_n[ev.name] += 1
-    claims: dict[str, list[tuple[str | None, float]]] = collections.defaultdict(list)
+    claims: dict[str, list[tuple[str | None, float, str]]] = collections.defaultdict(list)
     for ev, kernels in launching_ops(events):
-        scope = enclosing_scope(ev)
+        scope, direction = enclosing_scope(ev), pass_of(ev)
         for k in kernels:
             if k.name in device_us:  # not a GPU-side annotation span or a filtered event
-                claims[k.name].append((scope, float(k.duration)))
+                claims[k.name].append((scope, float(k.duration), direction))
     records = []
     for name, total in device_us.items():
         mine = claims.get(name, [])
-        claimed = sum(d for _, d in mine)
+        claimed = sum(d for _, d, _ in mine)
         scale = total / claimed if claimed > total else 1.0
-        records += [(name, scope, d * scale, 1) for scope, d in mine]
+        records += [(name, scope, d * scale, 1, direction) for scope, d, direction in mine]
         rest, rest_n = total - claimed, device_n[name] - len(mine)
         if rest > 1e-9 * total or rest_n > 0:
-            records.append((name, None, max(rest, 0.0), max(rest_n, 0)))
+            records.append((name, None, max(rest, 0.0), max(rest_n, 0), None))
     return records
 
 
@@ -492,18 +505,21 @@ def breakdown(records, steps: int, wall_ms_per_step: float | None = None, busy_m
     if steps < 1:
         raise ValueError("steps must be at least 1")
     by_component: dict[str, float] = collections.defaultdict(float)
+    by_pass: dict[tuple[str, str | None], float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.defaultdict(int)
     by_kernel: dict[tuple[str, str], float] = collections.defaultdict(float)
     launches: dict[tuple[str, str], int] = collections.defaultdict(int)
-    for name, scope, us, count in records:
+    for name, scope, us, count, *direction in records:
         comp = classify_kernel(name, scope)
         by_component[comp] += us
+        by_pass[(comp, direction[0] if direction else None)] += us
         counts[comp] += count
         by_kernel[(name, comp)] += us
         launches[(name, comp)] += count
     total_us = sum(by_component.values())
     rows = [{"component": c, "ms_per_step": us / 1000 / steps, "percent": 100 * us / total_us if total_us else 0.0,
-             "kernels_per_step": counts[c] / steps}
+             "kernels_per_step": counts[c] / steps, "forward_ms": by_pass[(c, "forward")] / 1000 / steps,
+             "backward_ms": by_pass[(c, "backward")] / 1000 / steps}
             for c, us in sorted(by_component.items(), key=lambda kv: -kv[1])]
     kernels = [{"name": n, "component": c, "ms_per_step": us / 1000 / steps,
                 "percent": 100 * us / total_us if total_us else 0.0, "launches_per_step": launches[(n, c)] / steps}
@@ -513,10 +529,10 @@ def breakdown(records, steps: int, wall_ms_per_step: float | None = None, busy_m
 
 
 def format_breakdown(bd: dict) -> str:
-    lines = [f"  {'component':44s} {'ms/step':>9s} {'%':>6s} {'kernels/step':>13s}"]
+    lines = [f"  {'component':44s} {'ms/step':>9s} {'%':>6s} {'kernels/step':>13s} {'forward':>8s} {'backward':>8s}"]
     for row in bd["components"]:
         lines.append(f"  {row['component']:44s} {row['ms_per_step']:9.2f} {row['percent']:5.1f}% "
-                     f"{row['kernels_per_step']:13.0f}")
+                     f"{row['kernels_per_step']:13.0f} {row.get('forward_ms', 0):8.2f} {row.get('backward_ms', 0):8.2f}")
     lines.append(f"  {'all GPU kernels (sum)':44s} {bd['kernel_ms_per_step']:9.2f}")
     wall, busy = bd.get("wall_ms_per_step"), bd.get("busy_ms_per_step")
     if wall:
