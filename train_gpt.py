@@ -2729,11 +2729,10 @@ def byte_unshuffle(blob: bytes) -> bytes:
 # its own frequency table. Every symbol of every such matrix goes through one rANS stream (Duda
 # 2013, arXiv:1311.2540; on Parameter Golf weights since PR #1510), interleaved over ANS_LANES
 # lanes so that numpy codes one symbol of each lane per step: the symbols are independent, so the
-# lanes only share the word stream. A lane's
-# state lives in [2^16, 2^32) and moves 16 bits at a time; a table's frequencies sum to
-# 2^ANS_PROB_BITS. The stream follows the compressed pieces; its tables, column groups, lane
-# states and length travel inside them. Pure integer arithmetic: the bytes never depend on the
-# machine.
+# lanes only share the word stream. A lane's state lives in [2^16, 2^32) and moves 16 bits at a
+# time; a table's frequencies sum to 2^ANS_PROB_BITS. The stream follows the compressed pieces;
+# its tables, column groups, lane states and length travel inside them. Pure integer arithmetic:
+# the bytes never depend on the machine.
 # ---------------------------------------------------------------------------------------------
 
 ANS_PROB_BITS, ANS_LANES, ANS_COLUMN_GROUPS, ANS_LOW = 15, 2048, 4, 1 << 16
@@ -2747,8 +2746,8 @@ def ans_frequencies(counts: np.ndarray) -> np.ndarray:
     counts = counts.astype(np.int64)
     freq = np.where(counts > 0, np.maximum(1, counts * total // np.maximum(counts.sum(1, keepdims=True), 1)), 0)
     freq[np.arange(len(freq)), freq.argmax(1)] += total - freq.sum(1)
-    if np.any((counts > 0) & (freq < 1)):
-        raise ValueError("ANS: a symbol's frequency rounded away (too many rare symbols in one table)")
+    # cannot fail: the symbols raised to 1 (p < 2^-15) are fewer than the top frequency can give
+    assert not np.any((counts > 0) & (freq < 1)), "ANS: a symbol's frequency rounded away"
     return freq
 
 
