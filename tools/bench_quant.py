@@ -91,7 +91,8 @@ def main():
         blob, sec = timed(lambda: tg.serialize_quantized(w, meta, comp, ans))
         (w2, m2), dsec = timed(lambda: tg.deserialize_quantized(blob))
         same = m2 == meta and all(torch.equal(w2[k], w[k]) for k in w)
-        print(f"{'ans+' if ans else ''}{comp} pieces: {len(blob):,} bytes in {sec:.1f}s ({int.from_bytes(blob[6:10], 'little')} pieces), "
+        pieces = int.from_bytes(blob[6:10], "little")
+        print(f"{'ans+' if ans else ''}{comp} pieces: {len(blob):,} bytes in {sec:.1f}s ({pieces} pieces), "
               f"decompress {dsec:.2f}s, roundtrip exact {same}", flush=True)
         if "single" in sys.argv[2:] and not ans:
             fn = (lambda: __import__("brotli").compress(payload, quality=11)) if comp == "brotli" else \
