@@ -2051,7 +2051,8 @@ class EMA:
 #                      after that                             MUON_WD x MUON_WD_TAPER (taper: PR #1729)
 #   depth recurrence   frac >= ENABLE_LOOPING_AT              on (off before; NUM_LOOPS > 0)
 #   late QAT           frac >= QAT_AT (or it is 0: never)     matrices fake-quantized in training forwards
-#   EMA decay          every step t                           min(EMA_DECAY, (1 + t) / (1 + k + t)), k = EMA_WINDOW_DIVISOR, see EMA
+#   EMA decay          every step t                           min(EMA_DECAY, (1 + t) / (1 + k + t)), see EMA
+#                                                             (k = EMA_WINDOW_DIVISOR)
 
 
 def lr_multiplier(frac: float, h: Hyperparameters) -> float:
@@ -2838,7 +2839,8 @@ def ans_pack(w: dict) -> tuple[dict, dict, bytes]:
 def ans_unpack(rest: dict, side: dict, stream: bytes) -> dict:
     """Inverse of ans_pack: the whole w, in its order."""
     if len(stream) != 2 * side["words"]:
-        raise ValueError(f"ANS stream is {len(stream)} bytes, its header says {2 * side['words']}: truncated or corrupt")
+        raise ValueError(f"ANS stream is {len(stream)} bytes, its header says {2 * side['words']}: "
+                         "truncated or corrupt")
     groups = [g.numpy() for g in side["groups"]]
     ctx = _ans_contexts(side["shapes"], side["ngroups"], groups) if groups else np.zeros(0, np.int32)
     sym = ans_decode(np.frombuffer(stream, dtype="<u2"), side["states"].numpy().view(np.uint32), ctx,
