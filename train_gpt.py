@@ -2812,9 +2812,12 @@ def _ans_contexts(shapes: list, ngroups: list, groups: list) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def ans_pack(w: dict) -> tuple[dict, dict, bytes]:
-    """w -> (w without its int8 matrices, their side information, their rANS stream)."""
+def ans_pack(w: dict) -> tuple[dict, dict | None, bytes]:
+    """w -> (w without its int8 matrices, their side information, their rANS stream); (w, None, b"")
+    when w holds no int8 matrix of ANS_MIN_NUMEL elements or more."""
     names = sorted(k for k, t in w.items() if t.dtype == torch.int8 and t.dim() >= 2 and t.numel() >= ANS_MIN_NUMEL)
+    if not names:
+        return w, None, b""
     shapes, ngroups, groups, syms = [], [], [], []
     for name in names:
         q = w[name].contiguous().numpy().reshape(-1, w[name].size(-1))
@@ -2824,16 +2827,16 @@ def ans_pack(w: dict) -> tuple[dict, dict, bytes]:
             group[part] = k
         shapes.append(list(w[name].shape)), ngroups.append(g), groups.append(group)
         syms.append(q.view(np.uint8).reshape(-1) ^ np.uint8(0x80))  # int8 -> 0..255, order kept
-    sym = np.concatenate(syms) if syms else np.zeros(0, np.uint8)
-    ctx = _ans_contexts(shapes, ngroups, groups) if syms else np.zeros(0, np.int32)
+    sym, ctx = np.concatenate(syms), _ans_contexts(shapes, ngroups, groups)
     freq = ans_frequencies(np.bincount(ctx.astype(np.int64) * 256 + sym, minlength=sum(ngroups) * 256)
                            .reshape(-1, 256))
     words, states = ans_encode(sym, ctx, freq)
+    order, side_names = {k: i for i, k in enumerate(w)}, set(names)
     side = {"names": names, "shapes": shapes, "ngroups": ngroups, "groups": [torch.from_numpy(g) for g in groups],
             # frequencies stored minus one, so that 2^15 (a table of one symbol) fits int16; unused symbols: -1
             "freq": torch.from_numpy((freq - 1).astype(np.int16)), "states": torch.from_numpy(states.view(np.int32)),
-            "words": len(words), "at": [list(w).index(name) for name in names]}  # their places in w's order
-    return {k: t for k, t in w.items() if k not in set(names)}, side, words.astype("<u2").tobytes()
+            "words": len(words), "at": [order[name] for name in names]}  # their places in w's order
+    return {k: t for k, t in w.items() if k not in side_names}, side, words.astype("<u2").tobytes()
 
 
 def ans_unpack(rest: dict, side: dict, stream: bytes) -> dict:
@@ -2841,8 +2844,7 @@ def ans_unpack(rest: dict, side: dict, stream: bytes) -> dict:
     if len(stream) != 2 * side["words"]:
         raise ValueError(f"ANS stream is {len(stream)} bytes, its header says {2 * side['words']}: "
                          "truncated or corrupt")
-    groups = [g.numpy() for g in side["groups"]]
-    ctx = _ans_contexts(side["shapes"], side["ngroups"], groups) if groups else np.zeros(0, np.int32)
+    ctx = _ans_contexts(side["shapes"], side["ngroups"], [g.numpy() for g in side["groups"]])
     sym = ans_decode(np.frombuffer(stream, dtype="<u2"), side["states"].numpy().view(np.uint32), ctx,
                      side["freq"].numpy().astype(np.int64) + 1)
     decoded, keys, pos = {}, list(rest), 0
@@ -2881,9 +2883,10 @@ def serialize_quantized(w: dict, meta: dict, compressor: str, ans: bool = False)
     (container version 2), the rest compressed as always (version 1 without)."""
     compress, _ = _codec(compressor)
     state, stream = {"w": w, "m": meta}, b""
-    if ans and any(t.dtype == torch.int8 and t.dim() >= 2 and t.numel() >= ANS_MIN_NUMEL for t in w.values()):
+    if ans:
         rest, side, stream = ans_pack(w)
-        state = {"w": rest, "m": meta, "ans": side}
+        if side is not None:
+            state = {"w": rest, "m": meta, "ans": side}
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = byte_shuffle(buf.getvalue(), 2)
