@@ -509,10 +509,10 @@ def breakdown(records, steps: int, wall_ms_per_step: float | None = None, busy_m
     counts: dict[str, int] = collections.defaultdict(int)
     by_kernel: dict[tuple[str, str], float] = collections.defaultdict(float)
     launches: dict[tuple[str, str], int] = collections.defaultdict(int)
-    for name, scope, us, count, *direction in records:
+    for name, scope, us, count, direction in records:
         comp = classify_kernel(name, scope)
         by_component[comp] += us
-        by_pass[(comp, direction[0] if direction else None)] += us
+        by_pass[(comp, direction)] += us
         counts[comp] += count
         by_kernel[(name, comp)] += us
         launches[(name, comp)] += count
@@ -532,7 +532,7 @@ def format_breakdown(bd: dict) -> str:
     lines = [f"  {'component':44s} {'ms/step':>9s} {'%':>6s} {'kernels/step':>13s} {'forward':>8s} {'backward':>8s}"]
     for row in bd["components"]:
         lines.append(f"  {row['component']:44s} {row['ms_per_step']:9.2f} {row['percent']:5.1f}% "
-                     f"{row['kernels_per_step']:13.0f} {row.get('forward_ms', 0):8.2f} {row.get('backward_ms', 0):8.2f}")
+                     f"{row['kernels_per_step']:13.0f} {row['forward_ms']:8.2f} {row['backward_ms']:8.2f}")
     lines.append(f"  {'all GPU kernels (sum)':44s} {bd['kernel_ms_per_step']:9.2f}")
     wall, busy = bd.get("wall_ms_per_step"), bd.get("busy_ms_per_step")
     if wall:
