@@ -3791,6 +3791,10 @@ def eval_val_ttt(model_fn, model: GPT, val_tokens: Tensor, h: Hyperparameters, l
     runner = TTTRunner(model, h, device, graphs=h.ttt_cuda_graphs)
     progress = TTTProgress(batches, [ttt_batch_work(b, h) for b in batches], log, adapt)
     ends = ttt_global_phase_ends(batches, h) if adapt else []
+    if adapt and len(ends) < h.ttt_global_phases:  # a phase at or after the last batch would adapt nothing
+        log(f"ttt_global: {len(ends)} of TTT_GLOBAL_PHASES={h.ttt_global_phases} phases run: "
+            f"TTT_GLOBAL_PREFIX_DOCS={h.ttt_global_prefix_docs} reaches the last of the {len(docs)} documents "
+            f"in {len(batches)} batches; set it lower to adapt between them")
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if ends else None
     with frozen(model):
         for lo, hi in zip([0] + ends, ends + [len(batches)]):

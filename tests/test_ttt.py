@@ -607,6 +607,21 @@ def test_global_phase_ends_split_the_prefix_into_equal_parts():
     assert ends(ttt_global_phases=0) == []
 
 
+def test_phases_that_cannot_run_are_named_in_the_log(setup):
+    """TTT_GLOBAL_PREFIX_DOCS at or above the documents scored puts the phase after the last batch,
+    where it would adapt nothing: the run goes on without it and says so, naming the variable."""
+    h, model, luts, val = setup
+    stream = doc_stream(val, 2 * 64 + 1)
+    lines = []
+    hp = hparams_like(h, ttt_global_phases=1, ttt_global_prefix_docs=2500)
+    tg.eval_val_ttt(model, model, stream, hp, luts, CPU, lines.append)
+    named = [line for line in lines if line.startswith("ttt_global:")]
+    assert len(named) == 1 and "0 of TTT_GLOBAL_PHASES=1" in named[0] and "TTT_GLOBAL_PREFIX_DOCS=2500" in named[0]
+    lines.clear()
+    tg.eval_val_ttt(model, model, stream, h, luts, CPU, lines.append)  # phases off: nothing to say
+    assert not [line for line in lines if line.startswith("ttt_global")]
+
+
 def test_phased_ttt_scores_each_phase_before_the_weights_learn_it(setup, monkeypatch):
     """With one phase after the first batches: the global step runs once, on exactly the documents
     already scored, before any later batch is scored; a later document cannot change an earlier
