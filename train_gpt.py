@@ -124,6 +124,7 @@ class Hyperparameters:
         self.train_seq_schedule = get("TRAIN_SEQ_SCHEDULE", "")
         self.seq_change_warmup_steps = get("SEQ_CHANGE_WARMUP_STEPS", 0, ">=0")  # LR ramp after each change
         self.train_log_every = get("TRAIN_LOG_EVERY", 500, ">=1")
+        self.train_log_seconds = get("TRAIN_LOG_SECONDS", 60.0, ">=0")  # and a line at least this often; 0: off
         self.max_wallclock_seconds = get("MAX_WALLCLOCK_SECONDS", 600.0, ">=0")  # 0: no cap
         self.val_batch_tokens = get("VAL_BATCH_TOKENS", 524288, ">=1")
         self.eval_seq_len = get("EVAL_SEQ_LEN", 2048, ">=1")
@@ -2270,7 +2271,7 @@ class Trainer:
         h, log, model = self.h, self.log, self.model
         budget_ms = max(h.max_wallclock_seconds - h.gptq_reserve_seconds, 0) * 1000 if h.max_wallclock_seconds > 0 else None
         tokens_per_step = h.train_batch_tokens
-        train_ms, step, stats = 0.0, 0, {"looping_at_step": None}
+        train_ms, step, stats, logged_ms = 0.0, 0, {"looping_at_step": None}, 0.0
         phase = {"steps": 0, "ms": 0.0}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -2313,7 +2314,9 @@ class Trainer:
             phase["steps"] += 1
             phase["ms"] += dt
             step += 1
-            if step <= 5 or step % h.train_log_every == 0:
+            due = h.train_log_seconds > 0 and train_ms - logged_ms >= h.train_log_seconds * 1000
+            if step <= 5 or step % h.train_log_every == 0 or due:
+                logged_ms = train_ms
                 ms_per_step = phase["ms"] / max(phase["steps"], 1)
                 eta = (budget_ms - train_ms) / 1000 if budget_ms else (h.iterations - step) * ms_per_step / 1000
                 log(f"step:{step}/{h.iterations} train_loss:{loss:.4f} lr_mult:{lr_multiplier(frac, h):.3f} "

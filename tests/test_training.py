@@ -103,6 +103,30 @@ def test_warm_up_restores_the_initial_state(make_hparams):
     trainer.loader.close()
 
 
+def test_train_logs_a_line_at_least_every_train_log_seconds(make_hparams):
+    """Steps 1-5, every TRAIN_LOG_EVERY-th step, and a line whenever TRAIN_LOG_SECONDS of training
+    time have passed since the last: a short run on one GPU still shows its loss and ETA."""
+    def lines(**env):
+        h = make_hparams(MAX_WALLCLOCK_SECONDS=0, ITERATIONS=14, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=100_000,
+                         TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256, EMA_SELECT=0, **env)
+        model = tg.build_model(h, torch.device("cpu"))
+        out = []
+        trainer = tg.Trainer(h, model, model, torch.device("cpu"), out.append)
+
+        def slow_step(step, frac, *args, **kwargs):
+            time.sleep(0.03)
+            return 1.0
+
+        trainer.step = slow_step
+        trainer.train(lambda step: (1.0, 1.0))
+        return [int(line.split()[0].split(":")[1].split("/")[0]) for line in out if "train_loss:" in line]
+
+    assert lines(TRAIN_LOG_SECONDS=0) == [1, 2, 3, 4, 5]
+    timed = lines(TRAIN_LOG_SECONDS=0.085)  # every third 30 ms step, give or take the sleep's slack
+    assert timed[:5] == [1, 2, 3, 4, 5] and len(timed) >= 7 and timed[-1] >= 11, timed
+    assert all(b - a >= 2 for a, b in zip(timed[4:], timed[5:])), timed
+
+
 def test_train_lowers_the_loss_and_stops_on_the_wallclock(make_hparams):
     budget_s = 3.0
     h = make_hparams(MAX_WALLCLOCK_SECONDS=budget_s, GPTQ_RESERVE_SECONDS=0, ITERATIONS=100_000, VAL_LOSS_EVERY=100_000,
