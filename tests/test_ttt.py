@@ -563,7 +563,10 @@ def test_a_padded_window_scores_and_trains_the_same(setup):
     torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     assert a[2] > 0 and any(t.abs().sum() > 0 for t in lora_a[len(lora_a) // 2:])  # scored, and B moved
     for x, y in zip(lora_a, lora_b):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+        # A longer window changes the fp32 summation order of each gradient. Adam's first step is
+        # lr * g / (|g| + eps), so an element whose gradient is near eps moves by a few 1e-5 of the
+        # largest entry (3e-5 seen on CI's CPU); allow 1e-4 of it, far below a wrong mask's error.
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4 * float(x.abs().max()) + 1e-12)
 
 
 def test_adapters_can_be_switched_off_and_documents_stay_independent(setup):
