@@ -66,3 +66,27 @@ def test_a_bad_variant_is_one_line_and_exit_2(checkpoint, tmp_path, capsys, vari
     assert qs.main([ckpt, "--variant", variant, "--out-dir", str(tmp_path / "s")], environ=env) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and says in err
+
+
+def test_sensitivity_puts_each_group_back_to_float_in_turn(checkpoint, tmp_path, capsys):
+    """--sensitivity: after the first variant, its quantized model with each kind of matrix (across
+    the layers) and then each layer in float; every quantized matrix is in exactly one kind, and the
+    variants after it are scored from the checkpoint as before (the float weights are restored)."""
+    env, ckpt = checkpoint
+    env = dict(env, MATRIX_BITS="3")  # coarse rounding, so that every group carries a visible part
+    args = [ckpt, "--variant", "int3: ", "--variant", "again: LQER_TOP_K=0", "--out-dir", str(tmp_path / "s")]
+    result = qs.sweep(qs.parse_args(args + ["--sensitivity"]), environ=env)
+    rows = {row["group"]: row for row in result["sensitivity"]}
+    h = tg.Hyperparameters(env=env)
+    state = tg.unbank_state(torch.load(ckpt, map_location="cpu"), h.num_layers)
+    quantized = [n for n, t in state.items() if t.dim() >= 2 and t.numel() > tg.QUANT_MIN_NUMEL]
+    kinds = [label for label in ["embedding / tied head"] + [name for _, name, _ in tg.BANK_LAYOUT] if label in rows]
+    layers = [f"layer {i}" for i in range(h.num_layers)]
+    assert kinds and list(rows) == kinds + layers  # (the tiny model quantizes its MLP only)
+    assert sum(rows[k]["tensors"] for k in kinds) == sum(rows[k]["tensors"] for k in layers) == len(quantized)
+    first, again = result["variants"]
+    assert again["val_bpb"] == first["val_bpb"]  # the sensitivity rows left the weights as they were
+    assert sum(row["carries_bpb"] for row in result["sensitivity"][:len(kinds)]) > 0
+    assert all(row["val_bpb"] != first["val_bpb"] for row in result["sensitivity"])
+    table = qs.format_table(result)
+    assert "mlp.fc" in table and "of gap" in table

@@ -12,7 +12,9 @@ collects its own Hessians. One GPU (or the CPU), no torchrun.
 
 This picks defaults faster than one EVAL_ONLY_PATH run per variant (one start-up, one Hessian pass,
 one compiled evaluation); confirm the chosen settings with one such run. With no --variant, the
-quantization rows of the README's "Techniques beyond the record" table are measured.
+quantization rows of the README's "Techniques beyond the record" table are measured. With
+--sensitivity, the first variant's quantized model is also scored with one group of matrices at a
+time put back to float (each kind across layers, then each layer), to show where the gap is.
 """
 import argparse
 import json
@@ -44,6 +46,37 @@ DEFAULT_VARIANTS = (
 )
 
 
+SENSITIVITY_HELP = ("then the first variant's quantized model with one group of matrices at a time put back to "
+                    "the checkpoint's float weights (each kind across layers, then each layer): the gap each carries")
+
+
+def sensitivity_groups(names, num_layers: int) -> list[tuple[str, list[str]]]:
+    """(label, tensor names) of the quantized matrices: each kind across the layers, then each layer
+    (kinds that hold no quantized matrix, such as a small embedding stored as fp16, left out)."""
+    kinds = [("embedding / tied head", lambda n: n == "tok_emb.weight")]
+    kinds += [(name, lambda n, name=name: n.endswith(f".{name}.weight")) for _, name, _ in tg.BANK_LAYOUT]
+    kinds += [(f"layer {i}", lambda n, i=i: n.startswith(f"blocks.{i}.")) for i in range(num_layers)]
+    groups = [(label, [n for n in names if pick(n)]) for label, pick in kinds]
+    return [(label, members) for label, members in groups if members]
+
+
+def measure_sensitivity(ctx, model, h, w: dict, meta: dict, state: dict, quantized_bpb: float) -> list[dict]:
+    """For each group: the quantized model (w, meta) with that group's matrices as they were in the
+    float state, scored; 'carries' is how much of the quantized bpb that group's rounding costs."""
+    dequantized = tg.dequantize_state_dict(w, meta)
+    floats = tg.unbank_state(state, h.num_layers)
+    quantized = [n for n, info in meta.items() if info["tag"].startswith("gptq")]
+    rows = []
+    for label, names in sensitivity_groups(quantized, h.num_layers):
+        mixed = {k: (floats[k].to(v.dtype) if k in names else v) for k, v in dequantized.items()}
+        tg.load_matching("the sensitivity state", tg.rebank_state(mixed, h.num_layers), model)
+        score = ctx.evaluate(f"sensitivity: {label} in float")
+        rows.append({"group": label, "tensors": len(names), "val_bpb": score["val_bpb"],
+                     "carries_bpb": quantized_bpb - score["val_bpb"]})
+    model.load_state_dict(state)
+    return rows
+
+
 class UsageError(Exception):
     pass
 
@@ -71,20 +104,24 @@ def variants_environment(variants: list, environ=None) -> dict:
     return base_env
 
 
-def parse_sweep_args(argv, tool: str, source: str, source_help: str, rows: str) -> argparse.Namespace:
-    """A sweep tool's arguments: its input file (named source), --variant, --out-dir, --out."""
+def parse_sweep_args(argv, tool: str, source: str, source_help: str, rows: str,
+                     flags: tuple = ()) -> argparse.Namespace:
+    """A sweep tool's arguments: its input file (named source), --variant, --out-dir, --out, and
+    the tool's own (--flag, help) switches."""
     p = argparse.ArgumentParser(description=f"{rows} variants of one train_gpt.py {source}, side by side.")
     p.add_argument(source, help=source_help)
     p.add_argument("--variant", action="append", default=[], metavar="'NAME: VAR=VALUE ...'",
                    help=f"a variant to measure (repeatable); default: the README's {rows} rows")
     p.add_argument("--out-dir", default="", help=f"folder for the run's log (default runs/{tool}_<time>)")
     p.add_argument("--out", default="", help="also write the results as JSON to this path")
+    for flag, text in flags:
+        p.add_argument(flag, action="store_true", help=text)
     return p.parse_args(argv)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     return parse_sweep_args(argv, "quant_sweep", "checkpoint", "a final_model.pt written by train_gpt.py",
-                            "quantization")
+                            "quantization", flags=[("--sensitivity", SENSITIVITY_HELP)])
 
 
 def sweep(args: argparse.Namespace, environ=None) -> dict:
@@ -127,6 +164,8 @@ def sweep(args: argparse.Namespace, environ=None) -> dict:
                "gap_bpb": score["val_bpb"] - result["prequant"]["val_bpb"], "hessian_s": hessian_s,
                "quantize_s": quantize_s, "compress_s": compress_s}
         result["variants"].append(row)
+        if i == 0 and args.sensitivity:
+            result["sensitivity"] = measure_sensitivity(ctx, model, hv, w, meta, state, score["val_bpb"])
         log(f"quant_sweep {name}: {total:,} bytes ({'fits' if row['fits'] else 'OVER the limit'}), "
             f"val_bpb {row['val_bpb']:.5f} (gap {row['gap_bpb']:+.5f}); quantize {quantize_s:.1f}s, "
             f"compress {compress_s:.1f}s")
@@ -143,6 +182,13 @@ def format_table(result: dict) -> str:
                      f"{'yes' if row['fits'] else 'NO':>5} {row['val_bpb']:>9.5f} {row['val_bpb'] - base['val_bpb']:>+9.5f} "
                      f"{row['gap_bpb']:>+9.5f}")
     lines.append("Δ: against the first variant; gap: quantized − the checkpoint as saved")
+    if result.get("sensitivity"):
+        lines.append(f"{'the first variant with in float':<44} {'tensors':>8} {'val_bpb':>9} {'carries':>9} {'of gap':>7}")
+        gap = base["gap_bpb"]
+        for row in result["sensitivity"]:
+            share = f"{row['carries_bpb'] / gap:>7.0%}" if gap > 0 else f"{'-':>7}"
+            lines.append(f"{row['group']:<44} {row['tensors']:>8} {row['val_bpb']:>9.5f} {row['carries_bpb']:>+9.5f} {share}")
+        lines.append("carries: the first variant's bpb minus this one's (that group's rounding); groups overlap")
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 # usage: pipeline.sh NAME [ENV=VALUE...] -- starts, detached, one 1-GPU chain on this machine:
 #   1. train_gpt.py with ENV (TTT_ENABLED=0 unless ENV says otherwise): its final_model.pt and
 #      final_model.int6.ptz stay in /root/runs/NAME/;
-#   2. tools/quant_sweep.py on that final_model.pt (the README's quantization rows);
+#   2. tools/quant_sweep.py --sensitivity on that final_model.pt (the README's quantization rows);
 #   3. tools/ttt_sweep.py on that artifact over the 300-document sample (VAL_DOC_FRACTION=0.15 SEED=0).
 # The same ENV reaches every stage (the model's shape must match). Logs: /root/runs/NAME.out (the
 # run), NAME.quant.out, NAME.ttt.out, results NAME/quant.json and NAME/ttt.json; NAME.stages has a
@@ -24,7 +24,7 @@ set -u; cd $S; export DATA_DIR=/root/data ARTIFACT_DIR=$R RUN_ID=$NAME TTT_ENABL
 stage() { echo "\$(date +%H:%M:%S) \$1" >> /root/runs/$NAME.stages; }
 stage train; python3 train_gpt.py > /root/runs/$NAME.out 2>&1 || { stage "train failed"; exit 1; }
 stage quant_sweep
-python3 tools/quant_sweep.py $R/final_model.pt --out-dir $R/quant --out $R/quant.json > /root/runs/$NAME.quant.out 2>&1 \
+python3 tools/quant_sweep.py $R/final_model.pt --sensitivity --out-dir $R/quant --out $R/quant.json > /root/runs/$NAME.quant.out 2>&1 \
   || { stage "quant_sweep failed"; exit 1; }
 stage ttt_sweep
 VAL_DOC_FRACTION=0.15 SEED=0 python3 tools/ttt_sweep.py $R/final_model.int6.ptz --out-dir $R/ttt --out $R/ttt.json \
