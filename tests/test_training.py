@@ -196,6 +196,18 @@ def test_val_loss_every_0_validates_only_at_the_end(make_hparams):
     assert validated == [2] and stats["steps"] == 2
 
 
+def test_step_0_is_validated_only_with_val_at_start(make_hparams):
+    """VAL_LOSS_EVERY=2 over 4 steps: steps 2 and 4 by default; step 0 too with VAL_AT_START=1."""
+    for at_start, expected in ((0, [2, 4]), (1, [0, 2, 4])):
+        h = make_hparams(ITERATIONS=4, VAL_LOSS_EVERY=2, VAL_AT_START=at_start, TRAIN_SEQ_LEN=32,
+                         TRAIN_BATCH_TOKENS=256)
+        model = tg.build_model(h, torch.device("cpu"))
+        trainer = tg.Trainer(h, model, model, torch.device("cpu"), _quiet)
+        validated = []
+        trainer.train(lambda step: validated.append(step) or (1.0, 1.0))
+        assert validated == expected
+
+
 def test_late_qat_turns_on_once_at_its_step_and_the_warmup_leaves_it_off(make_hparams):
     """QAT_AT=0.5 of ITERATIONS=4: steps 0 and 1 train on float weights, steps 2 and 3 on the grid;
     one log line says where; the compile warmup (frac 0) never turns the gate on."""
