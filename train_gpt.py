@@ -163,6 +163,7 @@ class Hyperparameters:
         self.fused_mlp = bool(get("FUSED_MLP", 1, "0/1"))
         self.fused_ce = bool(get("FUSED_CE", 1, "0/1"))  # fused softcapped cross-entropy kernel (CUDA)
         self.fused_head_ce = bool(get("FUSED_HEAD_CE", 1, "0/1"))  # with FUSED_CE: the head inside it too
+        self.fused_qkv = bool(get("FUSED_QKV", 0, "0/1"))  # Q, K and V as one matmul (same math)
         # 0: the whole model in one graph; 1: the two kinds of block compiled, the rest eager; 2: the
         # whole model with each kind of block a nested region, compiled once (NestedBlocks)
         self.compile_regions = get("COMPILE_REGIONS", 0, "0/1/2")
@@ -1548,7 +1549,7 @@ class GPT(nn.Module):
         self.logit_softcap, self.attn_backend = h.logit_softcap, attn_backend
         self.logit_softcap_neg = h.logit_softcap_neg or h.logit_softcap
         self.skip_gates_enabled, self.fused_mlp_enabled = h.skip_gates_enabled, h.fused_mlp
-        self.fused_ce_enabled, self.fused_head_ce = h.fused_ce, h.fused_head_ce
+        self.fused_ce_enabled, self.fused_head_ce, self.fused_qkv = h.fused_ce, h.fused_head_ce, h.fused_qkv
         self.loop_start, self.loop_end, self.num_loops = h.loop_start, h.loop_end, h.num_loops
         self.parallel_start, self.parallel_final_lane = h.parallel_start_layer, h.parallel_final_lane
         self.xsa_first = L - h.xsa_last_n
@@ -1628,9 +1629,12 @@ class GPT(nn.Module):
         hd = self.head_dim
         if self.capture:
             self.capture(f"blocks.{self.capture_layer}.attn.c_qkv", x)
-        q = with_lora(F.linear(x, w["q"]), adapters, "q", x)
-        k = with_lora(F.linear(x, w["k"]), adapters, "k", x)
-        v = with_lora(F.linear(x, w["v"]), adapters, "v", x)
+        if self.fused_qkv:  # one matmul reads x once, and its backward sums x's three gradients itself
+            qkv = F.linear(x, torch.cat((w["q"], w["k"], w["v"])))
+            q, k, v = qkv.split((w["q"].size(0), w["k"].size(0), w["v"].size(0)), dim=-1)
+        else:
+            q, k, v = F.linear(x, w["q"]), F.linear(x, w["k"]), F.linear(x, w["v"])
+        q, k, v = with_lora(q, adapters, "q", x), with_lora(k, adapters, "k", x), with_lora(v, adapters, "v", x)
         q = rms_norm(q.unflatten(-1, (self.num_heads, hd)))
         k = rms_norm(k.unflatten(-1, (self.num_kv_heads, hd)))
         v = v.unflatten(-1, (self.num_kv_heads, hd))

@@ -607,6 +607,27 @@ def test_forward_backward_is_finite(looping):
             assert p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("looping", [False, True])
+def test_fused_qkv_is_the_same_math(looping):
+    """FUSED_QKV=1: Q, K and V from one matmul over the concatenated weights give the same losses and
+    the same gradient for every parameter as three matmuls (fp32; only summation order differs)."""
+    tokens, _ = packed_row([30, 50, 48])
+    cu = torch.from_numpy(tg.build_cu_seqlens(tokens[:-1].numpy(), 64)[0])
+    results = []
+    for fused in (0, 1):
+        model = tiny_model(FUSED_QKV=fused)
+        assert model.fused_qkv == bool(fused)
+        model.looping = looping
+        loss = model(tokens[:-1], tokens[1:], cu, 64)
+        loss.mean().backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert grads_a["kv_bank"].abs().sum() > 0 and grads_a["qo_bank"].abs().sum() > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp32_model_trains_on_cuda():
     """An fp32 model (model.float(), e.g. for exact checks) in training mode on CUDA: its MLP must run,

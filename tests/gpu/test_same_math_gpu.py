@@ -9,7 +9,7 @@ From the same weights, fresh optimizer state and the same grad_accum micro-batch
 packed rows that the training loader reads from a synthetic shard), ONE Trainer.step of
 - the fast path: the defaults (FUSED_MLP=1, FUSED_CE=1), pick_attention_backend(), the model under
   torch.compile(dynamic=False, fullgraph=True), Muon's orthogonalize compiled (as Trainer does), and
-- the plain path: FUSED_MLP=0, FUSED_CE=0, eager model, Muon's orthogonalize uncompiled, attention
+- the plain path: FUSED_MLP=0, FUSED_CE=0, FUSED_QKV=0, eager model, Muon's orthogonalize uncompiled, attention
   "varlen" (torch's own kernel, run eagerly; "sdpa" would build [T, T] masks and scores, over
   100 GB at T = 98,304; its agreement with the other backends is test_model_gpu.py's check),
 must give the same mean loss (relative difference <= 2e-3) and, for every parameter tensor, the same
@@ -105,9 +105,10 @@ def compare(a: dict, b: dict) -> dict:
 
 def same_math(looping: bool, data_dir: str, env: dict | None = None, device=None) -> dict:
     device = torch.device(device or "cuda")
-    env = dict(env or {}, DATA_DIR=data_dir)
+    # EMA_SELECT=0: one step's shard holds no batches to hold out, and the EMA plays no part in a step
+    env = dict(env or {}, DATA_DIR=data_dir, EMA_SELECT="0")
     h_fast = tg.Hyperparameters(env=env)
-    h_plain = tg.Hyperparameters(env=dict(env, FUSED_MLP="0", FUSED_CE="0"))
+    h_plain = tg.Hyperparameters(env=dict(env, FUSED_MLP="0", FUSED_CE="0", FUSED_QKV="0"))
     write_synthetic_shard(h_fast)
     batches = first_batches(h_fast, device)
     torch.manual_seed(0)
