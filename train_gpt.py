@@ -243,6 +243,10 @@ class Hyperparameters:
         self.lqer_rank = get("LQER_RANK", 4, ">=1")
         self.lqer_group = get("LQER_GROUP", 64, ">=1")  # int4 factor B: one fp16 scale per this many values
         self.attn_clip_sigmas = get("ATTN_CLIP_SIGMAS", 0.0, ">=0")
+        # norm tweaking: Adam steps on the tensors the artifact keeps in float, with the matrices quantized
+        self.quant_tweak_steps = get("QUANT_TWEAK_STEPS", 0, ">=0")
+        self.quant_tweak_lr = get("QUANT_TWEAK_LR", 1e-3, ">0")
+        self.quant_tweak_batch_tokens = get("QUANT_TWEAK_BATCH_TOKENS", 32768, ">=1")
         self.artifact_limit_bytes = get("ARTIFACT_LIMIT_BYTES", 16_000_000, ">=1")
         self.artifact_autofit = bool(get("ARTIFACT_AUTOFIT", 1, "0/1"))  # 0: refuse an oversized artifact
         # submission.json metadata
@@ -3074,7 +3078,8 @@ def autofit_clip_factor(total_at, limit: int, max_factor: float = 1.5, rel_tol: 
     return hi, size_hi
 
 
-def quantize_model(model: GPT, h: Hyperparameters, hessians: dict, clip_factor: float = 1.0) -> tuple[dict, dict]:
+def quantize_model(model: GPT, h: Hyperparameters, hessians: dict, clip_factor: float = 1.0,
+                   log=print) -> tuple[dict, dict]:
     state = unbank_state({k: v.detach() for k, v in model.state_dict().items()}, h.num_layers)
     groups = {f".{group}.": h.group_clip_sigmas(group) * clip_factor for group in ("mlp", "attn")}
     w, meta = quantize_state_dict(state, hessians, h.matrix_bits, h.matrix_clip_sigmas * clip_factor,
@@ -3083,10 +3088,70 @@ def quantize_model(model: GPT, h: Hyperparameters, hessians: dict, clip_factor: 
                                   fine_bits=h.awq_lite_bits)
     if h.lqer_top_k:
         lqer_correct(state, w, meta, h.lqer_top_k, h.lqer_rank, h.lqer_group)
+    if h.quant_tweak_steps:
+        tweak_float_tensors(model, h, w, meta, log)
     if h.row_reorder:
         reorder_rows(w, [n for n, info in meta.items() if info["tag"].startswith("gptq")
                          and any(k in n for k in ROW_REORDER_NAMES)])
     return w, meta
+
+
+def rows_cu_seqlens(x: Tensor, max_doc_len: int) -> tuple[Tensor, int]:
+    """cu_seqlens of the rows of x [B, T] laid end to end: each row cut at its own BOS tokens and
+    at its start, so no segment crosses from one row into the next (build_cu_seqlens per row)."""
+    T = x.size(1)
+    cuts = [build_cu_seqlens(row, max_doc_len, bucket=1)[0][:-1] + i * T for i, row in enumerate(x.numpy())]
+    cu = np.concatenate(cuts + [[x.numel()]]).astype(np.int32)
+    cu = np.concatenate([cu, np.full(-len(cu) % CU_SEQLENS_BUCKET, x.numel(), dtype=np.int32)])
+    return torch.from_numpy(cu), int(np.diff(cu).max())
+
+
+def tweak_float_tensors(model: GPT, h: Hyperparameters, w: dict, meta: dict, log=print) -> None:
+    """QUANT_TWEAK_STEPS Adam steps (QUANT_TWEAK_LR) on the tensors the artifact stores in float
+    (gains, scales, lambdas, gates), with every GPTQ'd matrix at its dequantized value, on batches
+    of QUANT_TWEAK_BATCH_TOKENS training tokens; the tweaked values replace those in w, and the
+    model gets its own weights back. The loss is the training loss, so no validation token is seen."""
+    # norm tweaking after quantization: Li et al. 2023, arXiv:2309.02784 (there LayerNorm, a KL loss)
+    names = [n for n, info in meta.items() if info["tag"] == "passthrough (float16)"]
+    params = dict(model.named_parameters())
+    names = [n for n in names if n in params]
+    if not names:
+        return
+    device = next(model.parameters()).device
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in params.items()}
+    was_training = model.training
+    t0 = time.perf_counter()
+    try:
+        model.load_state_dict(rebank_state(dequantize_state_dict(w, meta), h.num_layers))
+        for n, p in params.items():
+            p.requires_grad_(n in names)
+        opt = torch.optim.Adam([params[n] for n in names], lr=h.quant_tweak_lr)
+        loader = ShuffledSequenceLoader(h.train_files, h.train_seq_len)
+        rows = max(1, h.quant_tweak_batch_tokens // h.train_seq_len)
+        model.train()
+        losses = []
+        for _ in range(h.quant_tweak_steps):
+            x, y = loader.next_batch(rows)
+            cu, longest = rows_cu_seqlens(x, h.train_seq_len)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(x.reshape(-1).to(device), y.reshape(-1).to(device), cu.to(device), longest).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        for n in names:
+            w[n] = params[n].detach().to("cpu", torch.float16).clone()
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(grads[n])
+            p.grad = None
+        model.load_state_dict(saved)
+        model.train(was_training)
+    k = max(1, len(losses) // 4)
+    log(f"quant_tweak: {len(losses)} steps on {len(names)} float tensors "
+        f"({sum(params[n].numel() for n in names):,} values), training loss {sum(losses[:k]) / k:.4f} "
+        f"(first {k}) -> {sum(losses[-k:]) / k:.4f} (last {k}), {time.perf_counter() - t0:.1f}s")
 
 
 def load_artifact(blob: bytes, model: GPT, path: str = "the artifact") -> None:
@@ -3132,7 +3197,7 @@ def write_artifact(h: Hyperparameters, model: GPT, source: str, ptz_path: str, d
         if factor in blobs:
             return len(blobs[factor][0]) + code_bytes
         t = time.perf_counter()
-        w, meta = quantize_model(model, h, hessians, factor)
+        w, meta = quantize_model(model, h, hessians, factor, log)
         gptq_s = time.perf_counter() - t
         t = time.perf_counter()
         blob = serialize_quantized(w, meta, h.compressor, h.ans_coding)

@@ -564,3 +564,52 @@ def test_row_reorder_is_exact_and_groups_similar_rows():
     assert tg.stored_bytes_by_kind(w, meta)["row orders"] == 512 * 2
     h = tg.Hyperparameters(env={"ROW_REORDER": "1"})
     assert h.row_reorder and any(k in "blocks.3.mlp.fc.weight" for k in tg.ROW_REORDER_NAMES)
+
+
+def test_rows_cu_seqlens_cut_at_each_row_and_each_bos():
+    x = torch.tensor([[5, tg.BOS_ID, 7, 8], [9, 9, tg.BOS_ID, 3]])
+    cu, longest = tg.rows_cu_seqlens(x, max_doc_len=64)
+    assert cu.tolist()[:5] == [0, 1, 4, 6, 8] and set(cu.tolist()[5:]) <= {8} and longest == 3
+
+
+def test_quant_tweak_moves_only_float_tensors_lowers_the_loss_and_hands_the_model_back(make_hparams):
+    """QUANT_TWEAK_STEPS: with the matrices at their quantized values, Adam on the tensors the artifact
+    keeps in float lowers the training loss; the GPTQ'd tensors are the untweaked ones byte for byte,
+    the float ones change, and the model has its own weights back afterwards."""
+    h = make_hparams(MODEL_DIM=256, COMPRESSOR="lzma")
+    tweak = make_hparams(MODEL_DIM=256, COMPRESSOR="lzma", QUANT_TWEAK_STEPS=12, QUANT_TWEAK_LR=1e-2,
+                         QUANT_TWEAK_BATCH_TOKENS=512)
+    torch.manual_seed(0)
+    model = tg.build_model(h, torch.device("cpu"))
+    model.looping = True
+    with torch.no_grad():  # non-zero O and MLP-down, so every float tensor reaches the loss
+        model.qo_bank[h.num_layers:].normal_(0, 0.05)
+        model.mlp_down_bank.normal_(0, 0.05)
+    hessians = tg.collect_hessians(model, h, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lines = []
+    w0, meta = tg.quantize_model(model, h, hessians)
+    w1, meta1 = tg.quantize_model(model, tweak, hessians, log=lines.append)
+    assert meta1 == meta and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    moved = [n for n, info in meta.items() if info["tag"] == "passthrough (float16)" and not torch.equal(w0[n], w1[n])]
+    assert "attn_scale" in moved and "q_gain" in moved
+    for n, info in meta.items():
+        if info["tag"].startswith("gptq"):
+            assert torch.equal(w0[n + ".q"], w1[n + ".q"]) and torch.equal(w0[n + ".scale"], w1[n + ".scale"]), n
+    assert len(lines) == 1 and lines[0].startswith("quant_tweak: 12 steps")
+
+    def loss_of(w):  # the mean training loss of the quantized model with these float tensors
+        fresh = tg.build_model(h, torch.device("cpu"))
+        fresh.load_state_dict(tg.rebank_state(tg.dequantize_state_dict(w, meta), h.num_layers))
+        fresh.looping = True
+        loader = tg.ShuffledSequenceLoader(h.train_files, h.train_seq_len, rank=1)  # other windows
+        total = 0.0
+        with torch.no_grad():
+            for _ in range(4):
+                x, y = loader.next_batch(2)
+                cu, longest = tg.rows_cu_seqlens(x, h.train_seq_len)
+                total += fresh(x.reshape(-1), y.reshape(-1), cu, longest).mean().item()
+        return total / 4
+
+    assert loss_of(w1) < loss_of(w0)

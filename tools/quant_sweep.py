@@ -30,7 +30,8 @@ import train_gpt as tg  # noqa: E402
 # The variables a variant may change: they act after training, on the same weights.
 QUANT_VARIABLES = ("MATRIX_BITS", "EMBED_BITS", "MATRIX_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS", "MLP_CLIP_SIGMAS",
                    "ATTN_CLIP_SIGMAS", "AWQ_LITE_GROUPS", "AWQ_LITE_GROUP_SIZE", "AWQ_LITE_BITS", "ROW_REORDER",
-                   "LQER_TOP_K", "LQER_RANK", "LQER_GROUP", "COMPRESSOR", "ANS_CODING", "GPTQ_CALIBRATION_BATCHES")
+                   "LQER_TOP_K", "LQER_RANK", "LQER_GROUP", "COMPRESSOR", "ANS_CODING", "GPTQ_CALIBRATION_BATCHES",
+                   "QUANT_TWEAK_STEPS", "QUANT_TWEAK_LR", "QUANT_TWEAK_BATCH_TOKENS")
 
 DEFAULT_VARIANTS = (
     "defaults:",
@@ -42,6 +43,8 @@ DEFAULT_VARIANTS = (
     "MLP clip 11.5 (PR #2164): MLP_CLIP_SIGMAS=11.5",
     "MLP clip 12.0 (with the bytes ANS saves): MLP_CLIP_SIGMAS=12.0",
     "without the entropy coder: ANS_CODING=0",
+    "norm tweak, 32 steps (arXiv:2309.02784): QUANT_TWEAK_STEPS=32",
+    "norm tweak, 64 steps at 3e-3: QUANT_TWEAK_STEPS=64 QUANT_TWEAK_LR=3e-3",
     "together: EMBED_BITS=7 LQER_TOP_K=3 AWQ_LITE_GROUPS=1 ROW_REORDER=1",
 )
 
@@ -150,7 +153,7 @@ def sweep(args: argparse.Namespace, environ=None) -> dict:
             hessians[hv.gptq_calibration_batches] = tg.collect_hessians(model, hv, ctx.device)
         hessian_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        w, meta = tg.quantize_model(model, hv, hessians[hv.gptq_calibration_batches])
+        w, meta = tg.quantize_model(model, hv, hessians[hv.gptq_calibration_batches], log=log)
         quantize_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         blob = tg.serialize_quantized(w, meta, hv.compressor, hv.ans_coding)
