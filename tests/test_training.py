@@ -130,7 +130,7 @@ def test_train_logs_a_line_at_least_every_train_log_seconds(make_hparams):
 def test_train_lowers_the_loss_and_stops_on_the_wallclock(make_hparams):
     budget_s = 3.0
     h = make_hparams(MAX_WALLCLOCK_SECONDS=budget_s, GPTQ_RESERVE_SECONDS=0, ITERATIONS=100_000, VAL_LOSS_EVERY=100_000,
-                     TRAIN_LOG_EVERY=100_000, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256)
+                     VAL_AT_START=1, TRAIN_LOG_EVERY=100_000, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256)
     torch.manual_seed(h.seed)
     device = torch.device("cpu")
     model = tg.build_model(h, device)

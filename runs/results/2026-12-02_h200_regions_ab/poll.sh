@@ -1,12 +1,12 @@
 #!/bin/bash
-# usage: poll.sh SECONDS -- waits until the A/B runs have their pre-quantization score (or SECONDS
-# pass), copying the benchmarks' and runs' logs into $OUT; stops each run after its prequant line.
-LIMIT=$1; t0=$(date +%s); R="base_s0 gate_s0 nosmear_s0"
-while [ $(( $(date +%s) - t0 )) -lt $LIMIT ]; do
-  grep -q "ab started" /root/out/stages.txt 2>/dev/null && break; sleep 5
-done
-left=$(( LIMIT - ($(date +%s) - t0) )); [ $left -lt 5 ] && left=5
-bash tools/device/wait_for.sh $left prequant $R
-for n in $R; do grep -q prequant /root/runs/$n.out 2>/dev/null && pkill -f "[s]nap/$n/train_gpt" ; done
+# usage: poll.sh SECONDS -- until chain.sh has written "sweep done" (or SECONDS pass, or the chain has
+# ended), copying /root/out and the A/B runs' logs into $OUT; prints the stages and the latest lines.
+LIMIT=$1; t0=$(date +%s)
+while [ $(( $(date +%s) - t0 )) -lt $LIMIT ] && ! grep -q "sweep done" /root/out/stages.txt 2>/dev/null \
+    && pgrep -f "[c]hain.sh" > /dev/null; do sleep 5; done
+for n in base_s0 gate_s0; do cp /root/runs/$n.out $OUT/$n.console.txt 2>/dev/null; cp /root/runs/$n/train.log $OUT/$n.train.log 2>/dev/null; done
 cp /root/out/* $OUT/ 2>/dev/null
-cat /root/out/stages.txt; for f in /root/out/bench_*.console.txt; do echo "== $f"; tail -25 $f; done
+cat /root/out/stages.txt
+for f in /root/out/bench_*.console.txt /root/out/same_math_qkv.console.txt; do [ -f $f ] && { echo "== $f"; tail -12 $f; }; done
+for n in base_s0 gate_s0; do echo "== $n"; grep -E "warmup_and|val_bpb|prequant|^step:[0-9]+/" /root/runs/$n.out 2>/dev/null | tail -4; done
+tail -5 /root/out/quant_sweep.console.txt 2>/dev/null
