@@ -113,6 +113,23 @@ def test_quantize_state_dict_layout_and_tags():
     assert rel < 0.4  # int6 at 12.85 sigma: a step of 0.41 sigma; GPTQ trades plain error for H-weighted error
 
 
+def test_int7_embeddings_use_the_int7_grid_and_cost_a_little_accuracy():
+    """EMBED_BITS=7 (PR #1626): the embedding's codes lie in [-63, 63], it is tagged int7, and its
+    step and its error are about twice int8's; the other matrices do not change."""
+    state, hessians = small_state()
+    w8, _ = tg.quantize_state_dict(state, hessians, 6, 12.85, 8, 20.0)
+    w7, meta7 = tg.quantize_state_dict(state, hessians, 6, 12.85, 7, 20.0)
+    assert meta7["tok_emb.weight"]["tag"] == "gptq (int7)" and tg.Hyperparameters(env={"EMBED_BITS": "7"}).embed_bits == 7
+    assert w7["tok_emb.weight.q"].abs().max() <= 63
+    # the same clip (20 sigma) over 63 levels a side instead of 127: a step 127/63 times as large
+    torch.testing.assert_close(w7["tok_emb.weight.scale"].float(), w8["tok_emb.weight.scale"].float() * 127 / 63,
+                               rtol=2e-3, atol=0)
+    assert torch.equal(w7["blocks.0.mlp.fc.weight.q"], w8["blocks.0.mlp.fc.weight.q"])
+    ref = state["tok_emb.weight"].float()
+    err = {bits: (tg._gptq_dequantized(w, "tok_emb.weight") - ref).norm() / ref.norm() for bits, w in ((8, w8), (7, w7))}
+    assert err[8] < err[7] < 3 * err[8]  # about twice the step, so about twice the error
+
+
 def test_quantize_state_dict_needs_every_hessian():
     state, hessians = small_state()
     del hessians["blocks.0.mlp.fc.weight"]
