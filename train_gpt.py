@@ -3120,7 +3120,8 @@ def tweak_float_tensors(model: GPT, h: Hyperparameters, w: dict, meta: dict, log
     device = next(model.parameters()).device
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     grads = {n: p.requires_grad for n, p in params.items()}
-    was_training = model.training
+    # eager blocks: compiled ones (COMPILE_REGIONS, TTT_COMPILE) would trace again for the changed requires_grad
+    was_training, regions, model.regions = model.training, model.regions, None
     t0 = time.perf_counter()
     try:
         model.load_state_dict(rebank_state(dequantize_state_dict(w, meta), h.num_layers))
@@ -3148,6 +3149,7 @@ def tweak_float_tensors(model: GPT, h: Hyperparameters, w: dict, meta: dict, log
             p.grad = None
         model.load_state_dict(saved)
         model.train(was_training)
+        model.regions = regions
     k = max(1, len(losses) // 4)
     log(f"quant_tweak: {len(losses)} steps on {len(names)} float tensors "
         f"({sum(params[n].numel() for n in names):,} values), training loss {sum(losses[:k]) / k:.4f} "

@@ -604,10 +604,12 @@ def test_quant_tweak_moves_only_float_tensors_lowers_the_loss_and_hands_the_mode
         model.mlp_down_bank.normal_(0, 0.05)
     hessians = tg.collect_hessians(model, h, torch.device("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.regions = marker = ("compiled blocks would trace again", None)  # the tweak runs the plain blocks
     lines = []
     w0, meta = tg.quantize_model(model, h, hessians)
     w1, meta1 = tg.quantize_model(model, tweak, hessians, log=lines.append)
     assert meta1 == meta and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.regions is marker
     assert all(p.grad is None for p in model.parameters())
     moved = [n for n, info in meta.items() if info["tag"] == "passthrough (float16)" and not torch.equal(w0[n], w1[n])]
     assert "attn_scale" in moved and "q_gain" in moved
