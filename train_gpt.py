@@ -195,6 +195,8 @@ class Hyperparameters:
         self.ema_window_divisor = get("EMA_WINDOW_DIVISOR", 9.0, ">0")
         self.ema_select = get("EMA_SELECT", 4, ">=0")  # >0: keep EMA or live weights, whichever has the lower
         # loss on this many held-out training micro-batches (never trained on, never validation data)
+        # more averages for EMA_SELECT to choose from: their window divisors, e.g. "30,100" (a shorter window each)
+        self.ema_select_divisors = self._divisors(get("EMA_SELECT_DIVISORS", ""))
         # test-time training
         self.ttt_enabled = bool(get("TTT_ENABLED", 1, "0/1"))
         self.ttt_lora_rank = get("TTT_LORA_RANK", 96, ">=1")
@@ -354,6 +356,9 @@ class Hyperparameters:
         if self.ttt_eval_seq_len < self.ttt_chunk_size:
             raise ConfigError(f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} must be at least "
                               f"TTT_CHUNK_SIZE={self.ttt_chunk_size}")
+        if self.ema_select_divisors and not self.ema_select:
+            raise ConfigError("EMA_SELECT_DIVISORS adds averages for EMA_SELECT to choose from: set EMA_SELECT>0 "
+                              "(4 held-out micro-batches by default) or leave EMA_SELECT_DIVISORS empty")
         if self.attn_out_gate and self.sparse_attn_gate:
             raise ConfigError("ATTN_OUT_GATE=1 and SPARSE_ATTN_GATE=1 are two forms of one gate: with ATTN_OUT_GATE=1 "
                               "set SPARSE_ATTN_GATE=0 (the sparse gate is on by default)")
@@ -366,6 +371,17 @@ class Hyperparameters:
         if self.eval_only_path and not self.eval_only_path.endswith((".pt", ".ptz")):
             raise ConfigError(f"EVAL_ONLY_PATH={self.eval_only_path} must be a final_model.pt checkpoint or a "
                               f"final_model.int6.ptz artifact written by this script")
+
+    @staticmethod
+    def _divisors(raw: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in raw.split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(f"EMA_SELECT_DIVISORS={raw!r} must be window divisors separated by commas, "
+                              f"e.g. 30,100") from None
+        if any(not math.isfinite(v) or v <= 0 for v in values):
+            raise ConfigError(f"EMA_SELECT_DIVISORS={raw!r}: every divisor must be > 0")
+        return values
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -2173,6 +2189,8 @@ class Trainer:
         self.opt = Optimizers(model, h)
         self.opt.muon.orthogonalize = compile_for(device, self.opt.muon.orthogonalize)
         self.ema = EMA(model, h.ema_decay, h.ema_window_divisor)
+        # EMA_SELECT_DIVISORS: more averages, only for the choice at the end ("ema30" for k = 30, ...)
+        self.more_emas = {f"ema{k:g}": EMA(model, h.ema_decay, k) for k in h.ema_select_divisors}
         self.loader = self.new_loader()
         self.seq_len, self.seq_changed_at = h.train_seq_stages[0][0], 0  # progressive context: now, since step
         self.warmup_seconds: dict = {}  # (looping, seq_len) -> seconds of each warm-up step (warm_up)
@@ -2203,7 +2221,8 @@ class Trainer:
             # later, inside the optimizer step (as in the record).
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), h.grad_clip_norm)
         self.opt.step()
-        self.ema.update(self.model)
+        for ema in (self.ema, *self.more_emas.values()):
+            ema.update(self.model)
         return total.item() / h.grad_accum_steps
 
     @torch.no_grad()
@@ -2218,19 +2237,24 @@ class Trainer:
         return reduce_over_ranks(total.item(), device=self.device)[0] / (len(batches) * _world()[1])
 
     def finish_with_better_average(self) -> dict:
-        """The EMA weights, unless the live ones score lower on the EMA_SELECT training micro-batches
-        held out of every pass over the training shards (never trained on): a short run's average can lag.
-        Selection on training data only, the same on every rank."""
+        """The EMA weights, unless the live ones (or an EMA_SELECT_DIVISORS average) score lower on the
+        EMA_SELECT training micro-batches held out of every pass over the training shards (never
+        trained on): a short run's average can lag. Selection on training data only, the same on
+        every rank; a tie keeps the earlier of live, ema, then the extra averages in their order."""
         batches = self.held_out
         live_state = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        live = self.held_out_loss(batches)
-        self.ema.copy_to(self.model)
-        ema = self.held_out_loss(batches)
-        if live < ema:
-            with torch.no_grad():
+        losses = {"live": self.held_out_loss(batches)}
+        for name, ema in {"ema": self.ema, **self.more_emas}.items():
+            ema.copy_to(self.model)
+            losses[name] = self.held_out_loss(batches)
+        kept = min(losses, key=losses.get)
+        with torch.no_grad():
+            if kept == "live":
                 for n, p in self.model.named_parameters():
                     p.copy_(live_state[n])
-        return {"live_loss": live, "ema_loss": ema, "kept": "live" if live < ema else "ema"}
+            else:
+                {"ema": self.ema, **self.more_emas}[kept].copy_to(self.model)
+        return {"live_loss": losses["live"], "ema_loss": losses["ema"], "losses": losses, "kept": kept}
 
     def warm_up(self) -> float:
         """Compile every graph training will use (looping off/on, each TRAIN_SEQ_SCHEDULE length, short
@@ -2239,8 +2263,9 @@ class Trainer:
         h, model, t0 = self.h, self.model, time.perf_counter()
         if h.warmup_steps <= 0:
             return 0.0
-        snapshot = (copy.deepcopy(model.state_dict()), copy.deepcopy(self.opt.state_dict()), self.ema.state_dict(),
-                    rng_state(), (self.seq_len, self.seq_changed_at))
+        emas = (self.ema, *self.more_emas.values())
+        snapshot = (copy.deepcopy(model.state_dict()), copy.deepcopy(self.opt.state_dict()),
+                    [ema.state_dict() for ema in emas], rng_state(), (self.seq_len, self.seq_changed_at))
         variants = compile_variants(h)
         self.warmup_seconds = {v: [] for v in variants}  # per warm-up step; the first of each includes compiling
         steps = max(h.warmup_steps // len(variants), 1)
@@ -2262,7 +2287,8 @@ class Trainer:
         model.looping = False
         model.load_state_dict(snapshot[0])
         self.opt.load_state_dict(snapshot[1])
-        self.ema.load_state_dict(snapshot[2])
+        for ema, state in zip(emas, snapshot[2]):
+            ema.load_state_dict(state)
         set_rng_state(snapshot[3])
         self.seq_len, self.seq_changed_at = snapshot[4]
         self.loader.close()
@@ -4140,8 +4166,9 @@ def train_phase(ctx: RunContext) -> None:
         f"peak_memory:{stats.get('peak_memory_mib', 0)}MiB{live}")
     if h.ema_select:
         choice = ctx.summary["ema_select"] = trainer.finish_with_better_average()
+        more = "".join(f", {name} loss {loss:.5f}" for name, loss in list(choice["losses"].items())[2:])
         log(f"ema_select on {h.ema_select} held-out training micro-batches: live loss {choice['live_loss']:.5f}, "
-            f"EMA loss {choice['ema_loss']:.5f}: kept the {choice['kept']} weights")
+            f"EMA loss {choice['ema_loss']:.5f}{more}: kept the {choice['kept']} weights")
     else:
         trainer.ema.copy_to(model)
     ckpt_path = os.path.join(h.artifact_dir, "final_model.pt")
@@ -4289,7 +4316,7 @@ def run(h: Hyperparameters) -> dict:
     plan = ctx.plan
     if plan.mode != "artifact_only":
         kept = ctx.summary.get("ema_select", {}).get("kept", "ema")
-        weights = "saved" if h.eval_only_path else {"ema": "EMA", "live": "live"}[kept]
+        weights = "saved" if h.eval_only_path else kept.replace("ema", "EMA")  # live, EMA, EMA30, ...
         ctx.summary["prequant"] = ctx.evaluate(f"prequant ({weights} weights)")
     if plan.mode == "quantize":
         build_artifact(ctx, plan.ptz_path)

@@ -50,7 +50,7 @@ def _quiet(*args, **kwargs):
 def test_warm_up_restores_the_initial_state(make_hparams):
     # 8 micro-steps of one 32-token row per step: short, and the warmup's cu_seqlens of 64 and 128
     # boundaries then also hold many zero-length segments
-    h = make_hparams(WARMUP_STEPS=4, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256)
+    h = make_hparams(WARMUP_STEPS=4, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256, EMA_SELECT_DIVISORS="30")
     assert h.grad_accum_steps == 8 and h.local_batch_tokens == 32
     torch.manual_seed(h.seed)
     device = torch.device("cpu")
@@ -94,9 +94,10 @@ def test_warm_up_restores_the_initial_state(make_hparams):
         assert len(opt.state) == 0  # no momentum / Adam moments survive
         now = opt.state_dict()
         assert now["state"] == {} and now["param_groups"] == saved["param_groups"]
-    assert trainer.ema.steps == 0
-    for name, s in trainer.ema.shadow.items():
-        assert torch.equal(s, ema_state["shadow"][name]), name
+    for ema in (trainer.ema, trainer.more_emas["ema30"]):  # every average, the extra ones too
+        assert ema.steps == 0 and ema.init_weight == 1.0
+        for name, s in ema.shadow.items():
+            assert torch.equal(s, ema_state["shadow"][name]), name
     for want in first:  # the data restarts where a fresh run starts
         got = trainer.loader.next_batch()
         assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3])) and got[3] == want[3]
@@ -250,6 +251,35 @@ def test_ema_select_keeps_whichever_weights_score_lower_on_unseen_training_batch
             p.copy_(live[n])
     assert trainer.finish_with_better_average()["kept"] == "live"
     assert all(torch.equal(p.detach(), live[n]) for n, p in model.named_parameters())
+
+
+def test_ema_select_divisors_add_averages_to_the_choice(make_hparams):
+    """EMA_SELECT_DIVISORS=30,100: two more averages, each with its own window, updated every step
+    and scored with live and the main EMA on the held-out batches; the lowest loss is kept."""
+    h = make_hparams(ITERATIONS=4, VAL_LOSS_EVERY=0, TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256, EMA_SELECT=2,
+                     EMA_SELECT_DIVISORS="30,100")
+    model = tg.build_model(h, torch.device("cpu"))
+    trainer = tg.Trainer(h, model, model, torch.device("cpu"), _quiet)
+    assert list(trainer.more_emas) == ["ema30", "ema100"]
+    assert trainer.more_emas["ema30"].decay_at(3) == pytest.approx(4 / 34)
+    trainer.train(lambda step: (1.0, 1.0))
+    averages = {"ema": trainer.ema.averaged(), **{k: e.averaged() for k, e in trainer.more_emas.items()}}
+    assert all(e.steps == 4 for e in (trainer.ema, *trainer.more_emas.values()))
+    assert not torch.equal(averages["ema30"]["qo_bank"], averages["ema"]["qo_bank"])  # other windows
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    choice = trainer.finish_with_better_average()
+    assert list(choice["losses"]) == ["live", "ema", "ema30", "ema100"]
+    assert choice["kept"] == min(choice["losses"], key=choice["losses"].get)
+    kept = live if choice["kept"] == "live" else averages[choice["kept"]]
+    assert all(torch.equal(p.detach(), kept[n].to(p.dtype)) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("env, says", [({"EMA_SELECT_DIVISORS": "30,x"}, "separated by commas"),
+                                       ({"EMA_SELECT_DIVISORS": "30,0"}, "must be > 0"),
+                                       ({"EMA_SELECT_DIVISORS": "30", "EMA_SELECT": "0"}, "set EMA_SELECT>0")])
+def test_bad_ema_select_divisors_are_refused(env, says):
+    with pytest.raises(tg.ConfigError, match=says):
+        tg.Hyperparameters(env=env)
 
 
 def test_training_with_ema_select_off_holds_nothing_out_and_finishes(make_hparams):

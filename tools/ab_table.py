@@ -34,7 +34,7 @@ def parse_log(path: str) -> dict:
             elif m := PREQUANT.match(line):  # logs before EMA_SELECT's label said "EMA" whatever it kept
                 run["kept"], run["prequant"] = run["kept"] or m[1], float(m[2])
             elif m := KEPT.match(line):
-                run["kept"] = {"ema": "EMA"}.get(m[1], m[1])
+                run["kept"] = m[1].replace("ema", "EMA")  # live, EMA, EMA30 (EMA_SELECT_DIVISORS), ...
             elif m := CHANGED.match(line):
                 items = [s.strip() for s in re.split(r", (?=[A-Z0-9_]+=)", m[1])]
                 run["settings"] = " ".join(i.split(" (default")[0] for i in items if i.split("=")[0] not in NOISE)
