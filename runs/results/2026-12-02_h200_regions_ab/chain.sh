@@ -4,9 +4,9 @@
 #   1. training benchmarks, alone on the GPU: COMPILE_REGIONS=2, then the default 0, each compiling
 #      into empty caches (#15's compile target); then FUSED_QKV=1 (its step time);
 #   2. the GPU same-math check of FUSED_QKV=1 against the plain path;
-#   3. two step-based A/B runs side by side (#17): the defaults, and ATTN_OUT_GATE=1 with
-#      EMA_WINDOW_DIVISOR=30 (the EMA changes no training step, so one run answers both), each
-#      stopped after its pre-quantization score;
+#   3. two step-based A/B runs side by side (#17): the defaults and ATTN_OUT_GATE=1, both with
+#      EMA_SELECT_DIVISORS=30,100 (averages change no training step: the ema_select line gives the
+#      held-out loss of live, k=9, 30 and 100 in each run), each stopped after its prequant score;
 #   4. tools/quant_sweep.py --sensitivity on the defaults run's final_model.pt, alone (#18).
 set -u
 mkdir -p /root/out; cd "$(dirname "$0")/../../.."
@@ -22,9 +22,9 @@ done
 stage "same_math FUSED_QKV=1"
 (cd /root/snap/bench && python3 tests/gpu/test_same_math_gpu.py FUSED_QKV=1) > /root/out/same_math_qkv.console.txt 2>&1
 stage "ab start"
-A="ITERATIONS=270 MAX_WALLCLOCK_SECONDS=0 TRAIN_LOG_EVERY=1 TTT_ENABLED=0 WARMUP_STEPS=4 VAL_LOSS_EVERY=0 SEED=0 EMA_SELECT=0"
+A="ITERATIONS=270 MAX_WALLCLOCK_SECONDS=0 TRAIN_LOG_EVERY=1 TTT_ENABLED=0 WARMUP_STEPS=4 VAL_LOSS_EVERY=0 SEED=0 EMA_SELECT_DIVISORS=30,100"
 bash tools/device/start_run.sh base_s0 1 $A
-bash tools/device/start_run.sh gate_s0 1 $A EMA_WINDOW_DIVISOR=30 ATTN_OUT_GATE=1 SPARSE_ATTN_GATE=0
+bash tools/device/start_run.sh gate_s0 1 $A ATTN_OUT_GATE=1 SPARSE_ATTN_GATE=0
 for n in base_s0 gate_s0; do  # each stopped after its prequant line (GPTQ would only repeat the sweep's row)
   while kill -0 "$(cat /root/runs/$n.pid)" 2>/dev/null && ! grep -q prequant /root/runs/$n.out; do sleep 5; done
   pkill -f "[s]nap/$n/train_gpt"; cp /root/runs/$n.out /root/out/$n.console.txt
