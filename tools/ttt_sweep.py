@@ -49,6 +49,9 @@ DEFAULT_VARIANTS = (
     "PR #1855 retune: TTT_LORA_RANK=80 TTT_BETA2=0.99",
     "PR #2135 retune: TTT_LORA_RANK=80 TTT_LORA_LR=8e-5 TTT_WEIGHT_DECAY=2.0 TTT_K_LORA=0",
     "twice the rate: TTT_LORA_LR=2e-4",
+    # PR #1767 scales the LoRA output by alpha/rank = 1.5 and decays by 1.0; under Adam, whose steps
+    # ignore the gradient's scale, that is the rate x 1.5 with the decay / 1.5 in this script's terms
+    "PR #1767 (alpha 1.5x, decay 1.0): TTT_LORA_LR=1.5e-4 TTT_WEIGHT_DECAY=0.667",
 )
 
 
