@@ -1624,10 +1624,12 @@ class GPT(nn.Module):
         return order[:middle], order[middle:]
 
     # -- sublayers ---------------------------------------------------------------------------
-    def block_weights(self, l: int, dtype) -> dict[str, Tensor]:
+    def block_weights(self, l: int, dtype, copy: bool = False) -> dict[str, Tensor]:
         """Layer l's tensors as its block reads them, cast to the activations' dtype (the RMSNorm
         input scale stays fp32). A block takes them as arguments, so one compiled block serves
-        every layer (TTT_COMPILE's regions) and never specializes on a layer index."""
+        every layer (TTT_COMPILE's regions) and never specializes on a layer index. copy: new
+        tensors even where the dtype is already right (a nested region refuses inputs that are
+        views of one bank, as K and V are in fp32)."""
         L = self.num_layers
         w = dict(q=self.qo_bank[l], k=self.kv_bank[l], v=self.kv_bank[L + l], o=self.qo_bank[L + l],
                  up=self.mlp_up_bank[l], down=self.mlp_down_bank[l], q_gain=self.q_gain[l],
@@ -1641,7 +1643,7 @@ class GPT(nn.Module):
             for name, sigmas in self.qat_sigmas.items():
                 t = w[name]
                 w[name] = t + self.qat * (fake_quantize(t.detach(), sigmas, self.qat_bits) - t).detach()
-        w = {name: t.to(dtype) for name, t in w.items()}
+        w = {name: t.to(dtype, copy=copy) for name, t in w.items()}
         w["ln"] = self.ln_scales[l]
         return w
 
@@ -1742,7 +1744,7 @@ class GPT(nn.Module):
             if self.capture:
                 self.capture_layer = l
             args = (rope, cu_seqlens, max_seqlen, lora.slot(slot) if lora is not None else None, l >= self.xsa_first)
-            w = self.block_weights(l, x.dtype)
+            w = self.block_weights(l, x.dtype, copy=nested)
             if slot < len(encoder):
                 x = sequential(w, x, x0, *args)
                 skips.append(x)
