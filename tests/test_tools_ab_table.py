@@ -22,13 +22,15 @@ def test_the_table_has_each_run_its_delta_and_what_it_kept(tmp_path, capsys):
     a = write(tmp_path, "base", extra="", l2="5.0000", l4="4.0000", live="1.20000", select="", weights="EMA",
               pre="1.21000")
     b = write(tmp_path, "b1", extra=", SMEAR_GATE=1 (default 0)", l2="4.5000", l4="3.5000", live="1.15000",
-              select="ema_select on 4 unseen training micro-batches: live loss 1.0, EMA loss 1.1: kept the live weights\n",
+              select="ema_select on 4 unseen training micro-batches: live loss 1.0, EMA loss 1.1, ema30 loss 1.05: "
+                     "kept the live weights\n",
               weights="live", pre="1.15000")
     assert ab_table.main([a, b, "--steps", "2"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
     assert rows[0].startswith("| run | loss @2 | loss @4 | live val_bpb | Δ live |")
     assert rows[2].startswith("| base | 5.0000 | 4.0000 | 1.20000 | +0.00000 | EMA: 1.21000 |")
-    assert "| b1 | 4.5000 | 3.5000 | 1.15000 | -0.05000 | live: 1.15000 |" in rows[3]
+    assert "| b1 | 4.5000 | 3.5000 | 1.15000 | -0.05000 | live: 1.15000 | live 1.00000, EMA 1.10000, ema30 1.05000 |" in rows[3]
+    assert "| EMA: 1.21000 | — |" in rows[2]  # no EMA_SELECT line: no held-out losses
     assert "SMEAR_GATE=1" in rows[3] and "TRAIN_SEQ_SCHEDULE='1024@0.5,2048@1'" in rows[3]
     assert "DATA_DIR" not in rows[3] and "ITERATIONS" not in rows[3]  # the A/B's own settings
 

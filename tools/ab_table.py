@@ -16,6 +16,7 @@ STEP = re.compile(r"^step:(\d+)/(\d+) train_loss:([0-9.]+)")
 DONE = re.compile(r"^train_done steps:(\d+) .*?live_val_bpb:([0-9.]+)")
 PREQUANT = re.compile(r"^prequant \((\w+) weights\) val_loss:[0-9.]+ val_bpb:([0-9.]+)")
 KEPT = re.compile(r"^ema_select .*: kept the (\w+) weights")
+HELD_OUT = re.compile(r"(\w+) loss ([0-9.]+)")  # in the ema_select line: live, EMA, ema30 (EMA_SELECT_DIVISORS), ...
 CHANGED = re.compile(r"^settings that differ from the defaults: (.*)$")
 NOISE = ("DATA_DIR", "RUN_ID", "ARTIFACT_DIR", "TRAIN_LOG_EVERY", "WARMUP_STEPS", "MAX_WALLCLOCK_SECONDS",
          "ITERATIONS", "TTT_ENABLED", "EVAL_SEQ_LEN", "VAL_LOSS_EVERY")  # the A/B's own fixed settings
@@ -23,7 +24,7 @@ NOISE = ("DATA_DIR", "RUN_ID", "ARTIFACT_DIR", "TRAIN_LOG_EVERY", "WARMUP_STEPS"
 
 def parse_log(path: str) -> dict:
     run = {"name": os.path.basename(path).split(".")[0], "loss": {}, "live": None, "prequant": None,
-           "kept": None, "settings": ""}
+           "kept": None, "held_out": {}, "settings": ""}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
@@ -35,6 +36,7 @@ def parse_log(path: str) -> dict:
                 run["kept"], run["prequant"] = run["kept"] or m[1], float(m[2])
             elif m := KEPT.match(line):
                 run["kept"] = m[1].replace("ema", "EMA")  # live, EMA, EMA30 (EMA_SELECT_DIVISORS), ...
+                run["held_out"] = {name: float(v) for name, v in HELD_OUT.findall(line.split(":", 1)[1])}
             elif m := CHANGED.match(line):
                 items = [s.strip() for s in re.split(r", (?=[A-Z0-9_]+=)", m[1])]
                 run["settings"] = " ".join(i.split(" (default")[0] for i in items if i.split("=")[0] not in NOISE)
@@ -50,13 +52,15 @@ def fmt(x, digits=4):
 def table(runs: list[dict], steps: list[int], base: dict) -> str:
     last = max(max(r["loss"]) for r in runs)
     cols = [s for s in steps if s < last] + [last]
-    head = "| run | " + " | ".join(f"loss @{s}" for s in cols) + " | live val_bpb | Δ live | kept: val_bpb | settings |"
-    lines = [head, "|" + "---|" * (len(cols) + 5)]
+    head = ("| run | " + " | ".join(f"loss @{s}" for s in cols)
+            + " | live val_bpb | Δ live | kept: val_bpb | held-out loss (EMA_SELECT) | settings |")
+    lines = [head, "|" + "---|" * (len(cols) + 6)]
     for r in runs:
         delta = None if r["live"] is None or base["live"] is None else r["live"] - base["live"]
         kept = "—" if r["prequant"] is None else f"{r['kept']}: {r['prequant']:.5f}"
+        held = ", ".join(f"{name} {loss:.5f}" for name, loss in r["held_out"].items()) or "—"
         lines.append(f"| {r['name']} | " + " | ".join(fmt(r["loss"].get(s)) for s in cols)
-                     + f" | {fmt(r['live'], 5)} | {'—' if delta is None else f'{delta:+.5f}'} | {kept} | "
+                     + f" | {fmt(r['live'], 5)} | {'—' if delta is None else f'{delta:+.5f}'} | {kept} | {held} | "
                      f"{r['settings'] or 'defaults'} |")
     return "\n".join(lines)
 
