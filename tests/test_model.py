@@ -147,7 +147,7 @@ def test_tiny_layer_order_and_forward_visits_it():
         m.looping = looping
         visited = []
         original = m.block_weights
-        m.block_weights = lambda l, dtype: visited.append(l) or original(l, dtype)  # read once per block
+        m.block_weights = lambda l, dtype, **kw: visited.append(l) or original(l, dtype, **kw)  # read once per block
         m.hidden(ids)
         del m.block_weights
         encoder, decoder = m.layer_order()
