@@ -2381,9 +2381,12 @@ class Trainer:
 
 # The submission is code + compressed weights, at most 16,000,000 bytes. Weights get there in
 # three steps: GPTQ rounds every large matrix to int6 (the tied embedding to int8) against the
-# Hessian of its inputs, so rounding errors are steered where the data cannot see them; the
-# quantized state is saved, byte-shuffled and compressed (brotli-11 or lzma) in independent
-# pieces on all cores; the code is counted as the self-extracting stub of its minified text.
+# Hessian of its inputs, so rounding errors are steered where the data cannot see them (optional
+# refinements: LQER's low-rank residual, AWQ-lite's finer columns, and QUANT_TWEAK_STEPS, which
+# retrains the few tensors kept in float around the rounded matrices); the quantized state is
+# saved, byte-shuffled and compressed (brotli-11 or lzma) in independent pieces on all cores, the
+# int6/int8 codes rANS-coded first; the code is counted as the self-extracting stub of its
+# minified text.
 # The total is checked against the limit in one place (check_artifact_size), not just logged: a
 # record that is 20 KB over is not a record.
 
