@@ -2191,8 +2191,9 @@ class Trainer:
         self.opt = Optimizers(model, h)
         self.opt.muon.orthogonalize = compile_for(device, self.opt.muon.orthogonalize)
         self.ema = EMA(model, h.ema_decay, h.ema_window_divisor)
-        # EMA_SELECT_DIVISORS: more averages, only for the choice at the end ("ema30" for k = 30, ...)
-        self.more_emas = {f"ema{k:g}": EMA(model, h.ema_decay, k) for k in h.ema_select_divisors}
+        # every average by its name in the log: the EMA, then EMA_SELECT_DIVISORS' (only for the choice
+        # at the end; "ema30" for k = 30, ...)
+        self.averages = {"ema": self.ema, **{f"ema{k:g}": EMA(model, h.ema_decay, k) for k in h.ema_select_divisors}}
         self.loader = self.new_loader()
         self.seq_len, self.seq_changed_at = h.train_seq_stages[0][0], 0  # progressive context: now, since step
         self.warmup_seconds: dict = {}  # (looping, seq_len) -> seconds of each warm-up step (warm_up)
@@ -2223,7 +2224,7 @@ class Trainer:
             # later, inside the optimizer step (as in the record).
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), h.grad_clip_norm)
         self.opt.step()
-        for ema in (self.ema, *self.more_emas.values()):
+        for ema in self.averages.values():
             ema.update(self.model)
         return total.item() / h.grad_accum_steps
 
@@ -2246,7 +2247,7 @@ class Trainer:
         batches = self.held_out
         live_state = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         losses = {"live": self.held_out_loss(batches)}
-        for name, ema in {"ema": self.ema, **self.more_emas}.items():
+        for name, ema in self.averages.items():
             ema.copy_to(self.model)
             losses[name] = self.held_out_loss(batches)
         kept = min(losses, key=losses.get)
@@ -2255,7 +2256,7 @@ class Trainer:
                 for n, p in self.model.named_parameters():
                     p.copy_(live_state[n])
             else:
-                {"ema": self.ema, **self.more_emas}[kept].copy_to(self.model)
+                self.averages[kept].copy_to(self.model)
         return {"live_loss": losses["live"], "ema_loss": losses["ema"], "losses": losses, "kept": kept}
 
     def warm_up(self) -> float:
@@ -2265,7 +2266,7 @@ class Trainer:
         h, model, t0 = self.h, self.model, time.perf_counter()
         if h.warmup_steps <= 0:
             return 0.0
-        emas = (self.ema, *self.more_emas.values())
+        emas = list(self.averages.values())
         snapshot = (copy.deepcopy(model.state_dict()), copy.deepcopy(self.opt.state_dict()),
                     [ema.state_dict() for ema in emas], rng_state(), (self.seq_len, self.seq_changed_at))
         variants = compile_variants(h)
@@ -3127,16 +3128,6 @@ def quantize_model(model: GPT, h: Hyperparameters, hessians: dict, clip_factor: 
     return w, meta
 
 
-def rows_cu_seqlens(x: Tensor, max_doc_len: int) -> tuple[Tensor, int]:
-    """cu_seqlens of the rows of x [B, T] laid end to end: each row cut at its own BOS tokens and
-    at its start, so no segment crosses from one row into the next (build_cu_seqlens per row)."""
-    T = x.size(1)
-    cuts = [build_cu_seqlens(row, max_doc_len, bucket=1)[0][:-1] + i * T for i, row in enumerate(x.numpy())]
-    cu = np.concatenate(cuts + [[x.numel()]]).astype(np.int32)
-    cu = np.concatenate([cu, np.full(-len(cu) % CU_SEQLENS_BUCKET, x.numel(), dtype=np.int32)])
-    return torch.from_numpy(cu), int(np.diff(cu).max())
-
-
 def tweak_float_tensors(model: GPT, h: Hyperparameters, w: dict, meta: dict, log=print) -> None:
     """QUANT_TWEAK_STEPS Adam steps (QUANT_TWEAK_LR) on the tensors the artifact stores in float
     (gains, scales, lambdas, gates), with every GPTQ'd matrix at its dequantized value, on batches
@@ -3165,9 +3156,9 @@ def tweak_float_tensors(model: GPT, h: Hyperparameters, w: dict, meta: dict, log
         losses = []
         for _ in range(h.quant_tweak_steps):
             x, y = loader.next_batch(rows)
-            cu, longest = rows_cu_seqlens(x, h.train_seq_len)
+            ids, cu = _packed_row(list(x), x.numel(), h.train_seq_len)  # the rows end to end, each its own segments
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(x.reshape(-1).to(device), y.reshape(-1).to(device), cu.to(device), longest).mean()
+                loss = model(ids.to(device), y.reshape(-1).to(device), cu.to(device), h.train_seq_len).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

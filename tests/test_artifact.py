@@ -583,10 +583,12 @@ def test_row_reorder_is_exact_and_groups_similar_rows():
     assert h.row_reorder and any(k in "blocks.3.mlp.fc.weight" for k in tg.ROW_REORDER_NAMES)
 
 
-def test_rows_cu_seqlens_cut_at_each_row_and_each_bos():
+def test_rows_laid_end_to_end_are_cut_at_each_row_and_each_bos():
+    """The norm tweak packs its calibration rows with _packed_row: no segment crosses a row start."""
     x = torch.tensor([[5, tg.BOS_ID, 7, 8], [9, 9, tg.BOS_ID, 3]])
-    cu, longest = tg.rows_cu_seqlens(x, max_doc_len=64)
-    assert cu.tolist()[:5] == [0, 1, 4, 6, 8] and set(cu.tolist()[5:]) <= {8} and longest == 3
+    ids, cu = tg._packed_row(list(x), x.numel(), max_doc_len=64)
+    assert torch.equal(ids, x.reshape(-1))
+    assert cu.tolist()[:5] == [0, 1, 4, 6, 8] and set(cu.tolist()[5:]) <= {8}
 
 
 def test_quant_tweak_moves_only_float_tensors_lowers_the_loss_and_hands_the_model_back(make_hparams):
@@ -627,8 +629,8 @@ def test_quant_tweak_moves_only_float_tensors_lowers_the_loss_and_hands_the_mode
         with torch.no_grad():
             for _ in range(4):
                 x, y = loader.next_batch(2)
-                cu, longest = tg.rows_cu_seqlens(x, h.train_seq_len)
-                total += fresh(x.reshape(-1), y.reshape(-1), cu, longest).mean().item()
+                ids, cu = tg._packed_row(list(x), x.numel(), h.train_seq_len)
+                total += fresh(ids, y.reshape(-1), cu, h.train_seq_len).mean().item()
         return total / 4
 
     assert loss_of(w1) < loss_of(w0)

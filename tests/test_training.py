@@ -94,7 +94,8 @@ def test_warm_up_restores_the_initial_state(make_hparams):
         assert len(opt.state) == 0  # no momentum / Adam moments survive
         now = opt.state_dict()
         assert now["state"] == {} and now["param_groups"] == saved["param_groups"]
-    for ema in (trainer.ema, trainer.more_emas["ema30"]):  # every average, the extra ones too
+    assert list(trainer.averages) == ["ema", "ema30"]
+    for ema in trainer.averages.values():  # every average, the extra one too
         assert ema.steps == 0 and ema.init_weight == 1.0
         for name, s in ema.shadow.items():
             assert torch.equal(s, ema_state["shadow"][name]), name
@@ -260,11 +261,11 @@ def test_ema_select_divisors_add_averages_to_the_choice(make_hparams):
                      EMA_SELECT_DIVISORS="30,100")
     model = tg.build_model(h, torch.device("cpu"))
     trainer = tg.Trainer(h, model, model, torch.device("cpu"), _quiet)
-    assert list(trainer.more_emas) == ["ema30", "ema100"]
-    assert trainer.more_emas["ema30"].decay_at(3) == pytest.approx(4 / 34)
+    assert list(trainer.averages) == ["ema", "ema30", "ema100"] and trainer.averages["ema"] is trainer.ema
+    assert trainer.averages["ema30"].decay_at(3) == pytest.approx(4 / 34)
     trainer.train(lambda step: (1.0, 1.0))
-    averages = {"ema": trainer.ema.averaged(), **{k: e.averaged() for k, e in trainer.more_emas.items()}}
-    assert all(e.steps == 4 for e in (trainer.ema, *trainer.more_emas.values()))
+    averages = {name: e.averaged() for name, e in trainer.averages.items()}
+    assert all(e.steps == 4 for e in trainer.averages.values())
     assert not torch.equal(averages["ema30"]["qo_bank"], averages["ema"]["qo_bank"])  # other windows
     live = {n: p.detach().clone() for n, p in model.named_parameters()}
     choice = trainer.finish_with_better_average()
