@@ -283,6 +283,15 @@ def test_bad_ema_select_divisors_are_refused(env, says):
         tg.Hyperparameters(env=env)
 
 
+def test_ema_select_divisors_default_and_off():
+    """The default adds the windows 30 and 100; "none" keeps only live and the EMA; EMA_SELECT=0 (the
+    record's settings) builds no extra average, since nothing would choose among them."""
+    assert tg.Hyperparameters(env={}).ema_select_divisors == (30.0, 100.0)
+    assert tg.Hyperparameters(env={"EMA_SELECT_DIVISORS": "none"}).ema_select_divisors == ()
+    assert tg.Hyperparameters(env={"EMA_SELECT": "0"}).ema_select_divisors == ()
+    assert tg.Hyperparameters(env={"EMA_SELECT": "0", "EMA_SELECT_DIVISORS": "none"}).ema_select_divisors == ()
+
+
 def test_training_with_ema_select_off_holds_nothing_out_and_finishes(make_hparams):
     """EMA_SELECT=0 (the record's settings): training ends normally with no held-out batches. It
     once raised a TypeError there, after the whole run and before its checkpoint was saved."""
