@@ -5,20 +5,20 @@
 #   new_s0, new_s1: the defaults at SEED=0 and 1 (the second compiles from the first's caches);
 #   old_s1: the record's settings (README, "Techniques beyond the record") at SEED=1, the seed the
 #           baseline of the issue lacks (seed 0 there: live 1.04941).
-# Writes /root/out/stages.txt and each console into /root/out; poll.sh copies them back.
+# Writes /root/res/stages.txt and each console into /root/res; poll.sh packs them into $OUT/results.tgz.
 set -u
-mkdir -p /root/out; cd "$(dirname "$0")/../../.."
-stage() { echo "$(date +%H:%M:%S) $1" >> /root/out/stages.txt; }
+mkdir -p /root/res; cd "$(dirname "$0")/../../.."
+stage() { echo "$(date +%H:%M:%S) $1" >> /root/res/stages.txt; }
 export TORCHINDUCTOR_CACHE_DIR=/root/cache/inductor TRITON_CACHE_DIR=/root/cache/triton
 B="MAX_WALLCLOCK_SECONDS=300 TTT_ENABLED=0 TRAIN_LOG_EVERY=50"
 OLD="SMEAR_GATE=0 SPARSE_ATTN_GATE=0 QK_GAIN_INIT=5.0 MIN_LR=0 MATRIX_LR=0.022 MUON_POLAR_EXPRESS=0 MUON_WD_TAPER_AT=0 EMA_SELECT=0"
 for spec in "new_s0:SEED=0" "new_s1:SEED=1" "old_s1:SEED=1 $OLD"; do
   name=${spec%%:*}; env_=${spec#*:}
   stage "start $name"
-  bash tools/device/start_run.sh $name 1 $B $env_ > /root/out/$name.start.txt 2>&1
+  bash tools/device/start_run.sh $name 1 $B $env_ > /root/res/$name.start.txt 2>&1
   while kill -0 "$(cat /root/runs/$name.pid)" 2>/dev/null && ! grep -q prequant /root/runs/$name.out; do sleep 5; done
   pkill -f "[s]nap/$name/train_gpt"; sleep 3
-  cp /root/runs/$name.out /root/out/$name.console.txt; cp /root/runs/$name/train.log /root/out/$name.train.log 2>/dev/null
+  cp /root/runs/$name.out /root/res/$name.console.txt; cp /root/runs/$name/train.log /root/res/$name.train.log 2>/dev/null
   stage "done $name"
 done
 stage "chain done"
