@@ -1,7 +1,8 @@
 #!/bin/bash
 # Detached driver for #17's closing runs: three 300-second corpus runs, one after another, each
 # alone on the GPU (the budget is wall-clock, so runs must not share it), each stopped after its
-# pre-quantization score (GPTQ and TTT add nothing to this question):
+# pre-quantization score (GPTQ and TTT add nothing to this question), then the quantization
+# sensitivity of new_s0's checkpoint:
 #   new_s0, new_s1: the defaults at SEED=0 and 1 (the second compiles from the first's caches);
 #   old_s1: the record's settings (README, "Techniques beyond the record") at SEED=1, the seed the
 #           baseline of the issue lacks (seed 0 there: live 1.04941).
@@ -9,6 +10,7 @@
 set -u
 mkdir -p /root/res; cd "$(dirname "$0")/../../.."
 stage() { echo "$(date +%H:%M:%S) $1" >> /root/res/stages.txt; }
+source tools/device/setup.sh > /root/res/setup.txt 2>&1  # wheels (brotli for the sweep) and the corpus
 export TORCHINDUCTOR_CACHE_DIR=/root/cache/inductor TRITON_CACHE_DIR=/root/cache/triton
 B="MAX_WALLCLOCK_SECONDS=300 TTT_ENABLED=0 TRAIN_LOG_EVERY=50"
 OLD="SMEAR_GATE=0 SPARSE_ATTN_GATE=0 QK_GAIN_INIT=5.0 MIN_LR=0 MATRIX_LR=0.022 MUON_POLAR_EXPRESS=0 MUON_WD_TAPER_AT=0 EMA_SELECT=0"
@@ -21,4 +23,7 @@ for spec in "new_s0:SEED=0" "new_s1:SEED=1" "old_s1:SEED=1 $OLD"; do
   cp /root/runs/$name.out /root/res/$name.console.txt; cp /root/runs/$name/train.log /root/res/$name.train.log 2>/dev/null
   stage "done $name"
 done
+# last, if the session's device time allows (#18): where the quantization gap sits, on new_s0's checkpoint
+(DATA_DIR=/root/data python3 tools/quant_sweep.py /root/runs/new_s0/final_model.pt --variant "defaults:" \
+   --sensitivity --out-dir /root/runs/quant --out /root/res/sensitivity.json) > /root/res/sensitivity.console.txt 2>&1
 stage "chain done"
