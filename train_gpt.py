@@ -10,7 +10,7 @@ scores it in bits per byte: standard, sliding-window and per-document LoRA test-
 The behaviour follows the Parameter Golf record "VarLen attention + fused MLP + doc-independent TTT"
 (PR #1530 by samacqua, val_bpb 1.07336), with later records' model and optimizer changes on by
 default where they measured better (SmearGate, a sparse attention gate, Polar Express, an LR floor,
-a Muon weight-decay taper, retuned query gain and Muon LR, EMA-or-live selection).
+a Muon weight-decay taper, retuned query gain and Muon LR, a choice among live and averaged weights).
 
 Sections, in the order a run uses them:
     CONFIGURATION       Hyperparameters: every environment variable, read and checked once
