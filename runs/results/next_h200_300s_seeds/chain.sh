@@ -24,6 +24,9 @@ for spec in "new_s0:SEED=0" "new_s1:SEED=1" "old_s1:SEED=1 $OLD"; do
   stage "done $name"
 done
 # last, if the session's device time allows (#18): where the quantization gap sits, on new_s0's checkpoint
+# and the bytes-for-bpb rate of each group's clip, to spend the ~170 kB under the limit where it buys most
 (DATA_DIR=/root/data python3 tools/quant_sweep.py /root/runs/new_s0/final_model.pt --variant "defaults:" \
+   --variant "attention clip 12.0: ATTN_CLIP_SIGMAS=12.0" --variant "MLP clip 12.5: MLP_CLIP_SIGMAS=12.5" \
+   --variant "embedding clip 16: EMBED_CLIP_SIGMAS=16" --variant "embedding clip 24: EMBED_CLIP_SIGMAS=24" \
    --sensitivity --out-dir /root/runs/quant --out /root/res/sensitivity.json) > /root/res/sensitivity.console.txt 2>&1
 stage "chain done"
